@@ -1,0 +1,1 @@
+"""Data: shard packing and curation, WebDataset reading, multi-crop augmentation."""

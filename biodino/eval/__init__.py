@@ -1,0 +1,1 @@
+"""Evaluation: embedding extraction and frozen-embedding evaluation."""

@@ -1,0 +1,1 @@
+"""Self-supervised objectives: heads, losses, masking, schedules, EMA teacher, LightningModules."""

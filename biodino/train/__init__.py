@@ -1,0 +1,1 @@
+"""Training: the CLI, configs, Trainer building, checkpoints, import and export."""
