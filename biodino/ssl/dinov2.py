@@ -1,0 +1,87 @@
+"""The DINOv2 objective: DINO loss on class tokens, iBOT on masked patches, KoLeo on the student."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from biodino.models import build_backbone
+from biodino.ssl.heads import DINOHead
+from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, masked_token_weights, sinkhorn_knopp
+from biodino.ssl.module import SSLModule
+from biodino.ssl.network import SSLNetwork
+from biodino.train.config import HeadConfig, TrainConfig
+
+CENTERINGS = ("softmax", "sinkhorn_knopp")
+N_GLOBAL = 2
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    """Config errors that would otherwise surface mid-run, each naming its key."""
+    o = cfg.objective
+    if o.centering not in CENTERINGS:
+        raise ValueError(f"objective.centering must be one of {CENTERINGS}, got {o.centering!r}")
+    if o.koleo.weight > 0 and cfg.schedule.batch_size < 2:
+        raise ValueError(
+            f"schedule.batch_size={cfg.schedule.batch_size}: KoLeo (objective.koleo.weight={o.koleo.weight}) "
+            "needs at least 2 images per rank (it is infinite with 1); raise the batch or set the weight to 0"
+        )
+
+
+def _head(in_dim: int, h: HeadConfig) -> DINOHead:
+    return DINOHead(in_dim, h.num_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers)
+
+
+class DINOv2Module(SSLModule):
+    """DINOv2 as in facebookresearch/dinov2: the batch holds crop-major ``global_crops`` (2B, 3, H, W),
+    ``local_crops`` (n_local * B, 3, h, w) and the iBOT ``masks`` (2B, N) drawn by the data workers."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        check_objective(cfg)
+        super().__init__(cfg)
+        o = cfg.objective
+        ibot_k = (o.ibot.head if o.ibot.separate_head else o.dino.head).num_prototypes
+        self.dino_center = SoftmaxCenter(o.dino.head.num_prototypes, o.center_momentum)
+        self.ibot_center = SoftmaxCenter(ibot_k, o.center_momentum)
+
+    def build_network(self) -> SSLNetwork:
+        m, o = self.cfg.model, self.cfg.objective
+        overrides: dict[str, Any] = {"attn_backend": m.attn_backend, "grad_checkpointing": m.grad_checkpointing,
+                                     "image_size": self.cfg.crops.global_size}
+        if m.drop_path_rate is not None:
+            overrides["drop_path_rate"] = m.drop_path_rate
+        backbone = build_backbone(m.preset, **overrides)
+        dim = backbone.embed_dim
+        ibot_head = _head(dim, o.ibot.head) if o.ibot.separate_head else None
+        return SSLNetwork(backbone, _head(dim, o.dino.head), ibot_head)
+
+    def _targets(self, logits: torch.Tensor, center: SoftmaxCenter, temp: float) -> torch.Tensor:
+        if self.cfg.objective.centering == "softmax":
+            return center(logits, temp)
+        return sinkhorn_knopp(logits, temp, self.cfg.objective.sinkhorn_iterations)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        o = self.cfg.objective
+        g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        temp = self.schedules.teacher_temp(self.global_step)
+
+        with torch.no_grad():
+            t_out = self.teacher.backbone.forward_features(g)
+            t_dino = self._targets(self.teacher.dino_head(t_out.cls), self.dino_center, temp)
+            t_ibot = self._targets(self.teacher.patch_head(t_out.patches[masks]), self.ibot_center, temp)
+
+        s_g = self.student.backbone.forward_features(g, masks, self.student.mask_token)
+        s_l = self.student.backbone.forward_features(loc)
+        terms = {
+            "dino": dino_loss(self.student.dino_head(s_g.cls), self.student.dino_head(s_l.cls), t_dino,
+                              o.student_temp, N_GLOBAL),
+            "ibot": ibot_loss(self.student.patch_head(s_g.patches[masks]), t_ibot, masked_token_weights(masks),
+                              g.shape[0], o.student_temp),
+        }
+        weights = {"dino": o.dino.weight, "ibot": o.ibot.weight}
+        if o.koleo.weight > 0:  # per global crop, summed (DINOv2): never between two crops of one image
+            terms["koleo"] = sum(koleo_loss(c) for c in s_g.cls.chunk(N_GLOBAL))
+            weights["koleo"] = o.koleo.weight
+        self.log("teacher_temp", temp, on_step=True, on_epoch=False)
+        return self.total_loss(terms, weights)

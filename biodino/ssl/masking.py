@@ -1,0 +1,80 @@
+"""iBOT masks, drawn on the CPU side: per-batch stratified mask ratios and block masking."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Optional
+
+import torch
+
+MaskGenerator = Callable[[int, random.Random], torch.Tensor]
+
+
+class BlockMasking:
+    """Masks ``n`` patches of an (h, w) grid as rectangles (BEiT/DINOv2 block masking).
+
+    Each rectangle covers at least ``min_patches`` patches, at most ``max_patches`` (default half the
+    grid), with aspect ratio log-uniform in [min_aspect, 1 / min_aspect]; rectangles are added until the
+    target count is reached or no rectangle fits in 10 tries (so the count can fall short, never exceed).
+    """
+
+    def __init__(self, grid: tuple[int, int], min_patches: int = 4, max_patches: Optional[int] = None,
+                 min_aspect: float = 0.3, max_aspect: Optional[float] = None) -> None:
+        self.height, self.width = grid
+        self.num_patches = self.height * self.width
+        self.min_patches = min_patches
+        self.max_patches = max_patches if max_patches is not None else int(0.5 * self.num_patches)
+        max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def __call__(self, n: int, rng: random.Random) -> torch.Tensor:
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool)
+        count = 0
+        while count < n:
+            added = self._add_block(mask, min(n - count, self.max_patches), rng)
+            if added == 0:
+                break
+            count += added
+        return mask.flatten()
+
+    def _add_block(self, mask: torch.Tensor, budget: int, rng: random.Random) -> int:
+        for _ in range(10):
+            area = rng.uniform(self.min_patches, budget)
+            aspect = math.exp(rng.uniform(*self.log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if 0 < h < self.height and 0 < w < self.width:
+                top = rng.randint(0, self.height - h)
+                left = rng.randint(0, self.width - w)
+                window = mask[top : top + h, left : left + w]
+                new = h * w - int(window.sum())
+                if 0 < new <= budget:
+                    window.fill_(True)
+                    return new
+        return 0
+
+
+class MaskSampler:
+    """Masks for a batch of global crops: a ``probability`` share of them is masked, with ratios drawn
+    one per stratified bin of ``linspace(ratio_min, ratio_max)`` and shuffled over the batch (DINOv2)."""
+
+    def __init__(self, generator: MaskGenerator, num_patches: int, probability: float = 0.5,
+                 ratio_min: float = 0.1, ratio_max: float = 0.5) -> None:
+        if not 0.0 <= ratio_min <= ratio_max <= 1.0:
+            raise ValueError(f"mask ratios must satisfy 0 <= min <= max <= 1, got ({ratio_min}, {ratio_max})")
+        self.generator = generator
+        self.num_patches = num_patches
+        self.probability = probability
+        self.ratios = (ratio_min, ratio_max)
+
+    def __call__(self, n_crops: int, rng: random.Random) -> torch.Tensor:
+        """(n_crops, num_patches) bool."""
+        n_masked = int(n_crops * self.probability)
+        lo, hi = self.ratios
+        edges = [lo + (hi - lo) * i / n_masked for i in range(n_masked + 1)] if n_masked else []
+        masks = [self.generator(int(self.num_patches * rng.uniform(edges[i], edges[i + 1])), rng)
+                 for i in range(n_masked)]
+        masks += [torch.zeros(self.num_patches, dtype=torch.bool) for _ in range(n_crops - n_masked)]
+        rng.shuffle(masks)
+        return torch.stack(masks)

@@ -1,0 +1,103 @@
+"""The objective-independent LightningModule: teacher EMA, schedules, parameter groups, optimizer, logging."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+
+from biodino.ssl.ema import ema_update_
+from biodino.ssl.network import SSLNetwork
+from biodino.ssl.param_groups import param_groups
+from biodino.ssl.schedules import Schedules
+from biodino.train.config import TrainConfig
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; training stops instead of corrupting the weights."""
+
+
+class SSLModule(L.LightningModule):
+    """Owns ``student`` and its EMA ``teacher``; subclasses build the network and compute the losses."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.save_hyperparameters({"config": asdict(cfg)})
+        self.schedules = Schedules(cfg)
+        self.student = self.build_network()
+        self.teacher = copy.deepcopy(self.student)
+        self.teacher.requires_grad_(False)
+        self.teacher.eval()
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.crops.normalize_mean, cfg.crops.normalize_std))
+        self.register_buffer("pixel_mean", mean * 255.0, persistent=False)
+        self.register_buffer("pixel_std", std * 255.0, persistent=False)
+
+    def build_network(self) -> SSLNetwork:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True) -> "SSLModule":
+        """The teacher stays in eval mode: no stochastic depth, no dropout."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    # -- data on the device ------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """uint8 crops from the workers become normalized floats here, on the device."""
+        for key in ("global_crops", "local_crops"):
+            crops = batch.get(key)
+            if crops is not None and crops.dtype == torch.uint8:
+                batch[key] = (crops.float() - self.pixel_mean) / self.pixel_std
+        return batch
+
+    # -- optimization --------------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        groups = param_groups(self.student, self.student.backbone.cfg.depth, o.layerwise_decay, o.patch_embed_lr_mult)
+        fused = self.device.type == "cuda" or None
+        return torch.optim.AdamW(groups, lr=0.0, betas=(o.beta1, o.beta2), fused=fused)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Set this step's lr and weight decay on every group; the heads' last layers get lr 0 while frozen."""
+        step = self.global_step
+        lr, wd = self.schedules.lr(step), self.schedules.weight_decay(step)
+        frozen = self.schedules.last_layer_frozen(step)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0 if (frozen and group["last_layer"]) else lr * group["lr_mult"]
+            group["weight_decay"] = wd * group["wd_mult"]
+        self.log_dict({"lr": lr, "wd": wd}, on_step=True, on_epoch=False)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        """Clip the student's global gradient norm to ``optim.clip_grad`` and log the norm before clipping."""
+        params = [p for p in self.student.parameters() if p.grad is not None]
+        max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.log("grad_norm", norm, on_step=True, on_epoch=False)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """The optimizer step, then the teacher's EMA update (once per optimizer step, not per micro-batch)."""
+        step = self.global_step
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        momentum = self.schedules.momentum(step)
+        ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
+        self.log("momentum", momentum, on_step=True, on_epoch=False)
+
+    # -- loss bookkeeping ----------------------------------------------------------------------------
+    def total_loss(self, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+        """Weighted sum of the terms; logs each term and stops on a non-finite one, naming it."""
+        total = sum(weights[k] * v for k, v in terms.items())
+        if not torch.isfinite(total):
+            bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.global_step}: {', '.join(bad)} "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in terms.items())})"
+            )
+        self.log_dict({f"loss/{k}": v.detach() for k, v in terms.items()}, on_step=True, on_epoch=False)
+        self.log("loss/total", total.detach(), on_step=True, on_epoch=False, prog_bar=True)
+        return total
+

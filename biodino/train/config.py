@@ -1,0 +1,117 @@
+"""The configuration schema: dataclasses that recipes, overrides and every module are checked against.
+
+Defaults are the DINOv2 reference recipe (facebookresearch/dinov2 ``ssl_default_config.yaml``) unless a
+comment says otherwise; recipes in ``configs/`` set the seed models' values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vit_tiny_p8"
+    drop_path_rate: Optional[float] = None  # None: the preset's rate
+    attn_backend: str = "sdpa"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadConfig:
+    num_prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+
+
+@dataclass
+class DinoConfig:
+    weight: float = 1.0
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class IbotConfig:
+    weight: float = 1.0
+    separate_head: bool = False
+    head: HeadConfig = field(default_factory=HeadConfig)  # used when separate_head
+    mask_sample_probability: float = 0.5
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+
+
+@dataclass
+class KoleoConfig:
+    weight: float = 0.1
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dinov2"
+    centering: str = "softmax"  # "softmax" or "sinkhorn_knopp"
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    freeze_last_layer_epochs: float = 1
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    koleo: KoleoConfig = field(default_factory=KoleoConfig)
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 4e-3  # scaled by sqrt(global batch / 1024)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    layerwise_decay: float = 1.0
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: Optional[float] = 3.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = 224
+    local_size: int = 98
+    num_local: int = 8
+    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ScheduleConfig:
+    """Run length: an epoch is a fixed number of optimizer steps, as in DINOv2 (not a pass over the data)."""
+
+    epochs: int = 100
+    steps_per_epoch: int = 1250
+    batch_size: int = 64  # per device
+    accumulate_grad_batches: int = 1
+    world_size: int = 1  # filled in from the launcher
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.accumulate_grad_batches * self.world_size
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
