@@ -62,3 +62,14 @@ def loader(cfg: TrainConfig, n: int = 256, seed: int = 0) -> DataLoader:
     return DataLoader(PatternCrops(n, cfg, seed), batch_size=cfg.schedule.batch_size, shuffle=True,
                       collate_fn=MultiCropCollate(sampler), drop_last=True,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def fit(module, cfg: TrainConfig, steps: int, callbacks=(), accumulate: int = 1):
+    """Train ``module`` for ``steps`` optimizer steps on CPU with a plain Lightning Trainer."""
+    import lightning as L
+
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=accumulate,
+                        callbacks=list(callbacks), deterministic=True)
+    trainer.fit(module, loader(cfg, n=cfg.schedule.batch_size * steps * accumulate))
+    return trainer

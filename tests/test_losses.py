@@ -96,3 +96,10 @@ def test_softmax_center_uses_old_center_then_moves_by_ema() -> None:
     probs = center(logits, 0.04)
     torch.testing.assert_close(probs, torch.softmax((logits - c0) / 0.04, -1))
     torch.testing.assert_close(center.center, 0.9 * c0 + 0.1 * logits.mean(0, keepdim=True))
+
+
+def test_softmax_center_ignores_an_empty_batch() -> None:
+    center = SoftmaxCenter(4)
+    center.center.fill_(1.0)
+    assert center(torch.empty(0, 4), 0.04).shape == (0, 4)
+    torch.testing.assert_close(center.center, torch.ones(1, 4))

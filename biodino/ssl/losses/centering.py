@@ -58,5 +58,6 @@ class SoftmaxCenter(nn.Module):
     def update(self, logits: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> None:
         stats = torch.cat([logits.float().sum(dim=0), logits.new_full((1,), logits.shape[0], dtype=torch.float32)])
         stats = _all_reduce(stats, group=group)
-        count = stats[-1].clamp_min(1.0)
-        self.center.mul_(self.momentum).add_(stats[:-1].unsqueeze(0) / count, alpha=1.0 - self.momentum)
+        count = stats[-1]
+        moved = self.momentum * self.center + (1.0 - self.momentum) * stats[:-1].unsqueeze(0) / count.clamp_min(1.0)
+        self.center.copy_(torch.where(count > 0, moved, self.center))  # no tokens anywhere: keep the center
