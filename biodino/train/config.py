@@ -81,9 +81,27 @@ class OptimConfig:
 
 @dataclass
 class CropsConfig:
+    """Multi-crop augmentation (DINOv2 recipe). Geometry runs in the CPU workers, photometrics on the device."""
+
     global_size: int = 224
     local_size: int = 98
     num_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 9
+    # The reference code hands 1 - p to its blur wrapper (global crop 1 never blurred); True reproduces that.
+    blur_reference_inverted: bool = False
+    solarize_p: float = 0.2  # global crop 2 only
+    solarize_threshold: int = 128
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
