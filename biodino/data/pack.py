@@ -1,0 +1,122 @@
+"""``biodino pack``: image folders and lists -> curated, shuffled WebDataset tar shards and an index."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Iterable, Optional
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from biodino.data.curation import Inspection, curate, inspect
+from biodino.data.shard_index import Shard, write_index
+from biodino.data.sources import list_inputs
+
+FORMATS = {"keep": None, "jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
+PIL_TO_EXT = {"JPEG": "jpg", "WEBP": "webp", "PNG": "png"}
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    out: Path
+    prefix: str = "shard"
+    max_count: int = 10_000
+    max_size: int = 1_000_000_000
+    min_side: int = 64
+    near_threshold: Optional[int] = 5  # None: no near-duplicate removal
+    max_side: Optional[int] = None
+    format: str = "keep"
+    quality: int = 90
+    jobs: int = 1
+    seed: int = 0
+    overwrite: bool = False
+
+
+class OutputNotEmptyError(FileExistsError):
+    """The output already holds this prefix's shards or index and overwrite was not asked for."""
+
+
+def encode(ins: Inspection, max_side: Optional[int], fmt: str, quality: int) -> tuple[str, bytes]:
+    """The bytes to store: the original file when allowed, else re-encoded (resized to ``max_side``)."""
+    data = ins.item.path.read_bytes()
+    with Image.open(io.BytesIO(data)) as img:
+        needs_resize = max_side is not None and max(img.size) > max_side
+        target = FORMATS[fmt] or (img.format if img.format in PIL_TO_EXT else "JPEG")
+        if not needs_resize and img.format == target:
+            return PIL_TO_EXT[target], data
+        img = img.convert("RGB")
+        if needs_resize:
+            img.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format=target, quality=quality)
+        return PIL_TO_EXT[target], buf.getvalue()
+
+
+def _existing_outputs(opts: PackOptions) -> list[Path]:
+    return sorted(opts.out.glob(f"{opts.prefix}-*.tar")) + [p for p in [opts.out / f"{opts.prefix}.json"] if p.exists()]
+
+
+def _parallel(fn, items: list, jobs: int, desc: str) -> Iterable:
+    """``fn`` over ``items`` in order, on ``jobs`` processes, with a progress bar."""
+    if jobs <= 1:
+        yield from tqdm(map(fn, items), total=len(items), desc=desc, unit="img")
+        return
+    with Pool(jobs) as pool:
+        yield from tqdm(pool.imap(fn, items, chunksize=16), total=len(items), desc=desc, unit="img")
+
+
+def pack(inputs: list[str], opts: PackOptions) -> dict:
+    """Curate, shuffle (seeded) and write shards; returns the index document's report."""
+    if opts.format not in FORMATS:
+        raise ValueError(f"format must be one of {sorted(FORMATS)}, got {opts.format!r}")
+    existing = _existing_outputs(opts)
+    if existing and not opts.overwrite:
+        raise OutputNotEmptyError(f"{opts.out} already holds {existing[0].name} (and {len(existing) - 1} more); "
+                                  "pass --overwrite to replace them")
+    items = list_inputs(inputs)
+    inspections = list(_parallel(partial(inspect, min_side=opts.min_side), items, opts.jobs, "inspect"))
+    kept, report = curate(inspections, opts.near_threshold)
+    order = [ins for ins in kept for _ in range(ins.item.repeats)]
+    random.Random(opts.seed).shuffle(order)
+    report["written"] = len(order)
+
+    opts.out.mkdir(parents=True, exist_ok=True)
+    tmp = opts.out / f".{opts.prefix}-packing"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    shards = _write_shards(order, opts, tmp)
+    for old in existing:  # replace only once the new shards are complete
+        old.unlink()
+    for s in shards:
+        os.replace(s.path, opts.out / s.path.name)
+    tmp.rmdir()
+    final = [Shard(opts.out / s.path.name, s.samples) for s in shards]
+    curation = {k: report.get(k, 0) for k in
+                ("inputs", "undecodable", "too_small", "exact_duplicates", "near_duplicates", "kept", "written")}
+    write_index(opts.out / f"{opts.prefix}.json", final,
+                {"curation": curation, "near_duplicate_method": f"dhash64 hamming<={opts.near_threshold}",
+                 "seed": opts.seed})
+    return curation
+
+
+def _write_shards(order: list[Inspection], opts: PackOptions, tmp: Path) -> list[Shard]:
+    counts: Counter = Counter()
+    enc = partial(encode, max_side=opts.max_side, fmt=opts.format, quality=opts.quality)
+    pattern = str(tmp / f"{opts.prefix}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=opts.max_count, maxsize=opts.max_size, verbose=0) as sink:
+        for n, (ins, (ext, data)) in enumerate(zip(order, _parallel(enc, order, opts.jobs, "write"))):
+            meta = {"source_path": str(ins.item.path), "source": ins.item.source,
+                    "width": ins.size[0], "height": ins.size[1]}
+            sink.write({"__key__": f"{n:09d}", ext: data, "json": json.dumps(meta).encode()})
+            counts[Path(sink.fname).name] += 1
+    return [Shard(tmp / name, counts[name]) for name in sorted(counts)]
