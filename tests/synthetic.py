@@ -7,7 +7,9 @@ import dataclasses
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from biodino.data.collate import MultiCropCollate
+import random
+
+from biodino.data.collate import collate_crops
 from biodino.ssl.masking import BlockMasking, MaskSampler
 from biodino.train.config import HeadConfig, TrainConfig
 
@@ -59,9 +61,15 @@ def loader(cfg: TrainConfig, n: int = 256, seed: int = 0) -> DataLoader:
     sampler = MaskSampler(BlockMasking((grid, grid), min_patches=2), grid * grid,
                           cfg.objective.ibot.mask_sample_probability, cfg.objective.ibot.mask_ratio_min,
                           cfg.objective.ibot.mask_ratio_max)
+    rng = random.Random(seed)
+
+    def collate(samples: list[dict]) -> dict:
+        batch = collate_crops(samples)
+        batch["masks"] = sampler(batch["global_crops"].shape[0], rng)
+        return batch
+
     return DataLoader(PatternCrops(n, cfg, seed), batch_size=cfg.schedule.batch_size, shuffle=True,
-                      collate_fn=MultiCropCollate(sampler), drop_last=True,
-                      generator=torch.Generator().manual_seed(seed))
+                      collate_fn=collate, drop_last=True, generator=torch.Generator().manual_seed(seed))
 
 
 def fit(module, cfg: TrainConfig, steps: int, callbacks=(), accumulate: int = 1):

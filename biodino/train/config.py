@@ -107,6 +107,14 @@ class CropsConfig:
 
 
 @dataclass
+class DataConfig:
+    shards: str = ""  # a shard index (*.json, written by `biodino pack`) or a glob of tar shards
+    num_workers: int = 4
+    shards_per_block: int = 4  # shards mixed in each block of a rank's stream (see data/stream.py)
+    pin_memory: bool = True
+
+
+@dataclass
 class ScheduleConfig:
     """Run length: an epoch is a fixed number of optimizer steps, as in DINOv2 (not a pass over the data)."""
 
@@ -132,4 +140,5 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     crops: CropsConfig = field(default_factory=CropsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

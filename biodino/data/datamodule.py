@@ -1,0 +1,68 @@
+"""The training DataModule: shards resolved and checked at setup, one resumable batch stream per rank."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
+
+from biodino.data.dataset import MultiCropBatches
+from biodino.data.shard_index import Shard, resolve_shards
+from biodino.models import preset_config
+from biodino.ssl.masking import BlockMasking, MaskSampler
+from biodino.train.config import TrainConfig
+
+
+def mask_sampler(cfg: TrainConfig) -> MaskSampler:
+    """iBOT masks on the global-crop patch grid of the configured backbone."""
+    grid = cfg.crops.global_size // preset_config(cfg.model.preset).patch_size
+    ibot = cfg.objective.ibot
+    return MaskSampler(BlockMasking((grid, grid)), grid * grid, ibot.mask_sample_probability,
+                       ibot.mask_ratio_min, ibot.mask_ratio_max)
+
+
+class ResumingLoader(DataLoader):
+    """A DataLoader whose every iteration starts the stream where the run is (``position()`` batches in)."""
+
+    def __init__(self, dataset: MultiCropBatches, position: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, **kwargs)
+        self.position = position
+
+    def __iter__(self) -> Iterator[Any]:
+        self.dataset.start = self.position()
+        return super().__iter__()
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Batches of multi-crop uint8 crops and iBOT masks from the shards named by ``data.shards``."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.shards: list[Shard] = []
+
+    def setup(self, stage: str) -> None:
+        self.shards = resolve_shards(self.cfg.data.shards)
+        streams = self._world_size() * max(self.cfg.data.num_workers, 1)
+        if len(self.shards) < streams:
+            rank_zero_info(f"{len(self.shards)} shards for {streams} reader streams (ranks x workers): "
+                           "streams resample shards, so some shards are read by several streams")
+
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    def consumed_batches(self) -> int:
+        """Batches this rank has consumed: optimizer steps times accumulation (0 before training)."""
+        if self.trainer is None:
+            return 0
+        return self.trainer.global_step * self.trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> ResumingLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        dataset = MultiCropBatches(self.shards, self.cfg, mask_sampler(self.cfg), rank)
+        workers = self.cfg.data.num_workers
+        return ResumingLoader(dataset, self.consumed_batches, num_workers=workers,
+                              pin_memory=self.cfg.data.pin_memory, persistent_workers=False,
+                              prefetch_factor=4 if workers else None)

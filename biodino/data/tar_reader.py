@@ -1,0 +1,40 @@
+"""Random access to the samples of a tar shard: member offsets read once from the headers, data by seek."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+
+class TarShard:
+    """Samples of one WebDataset shard in tar order, ``{ext: bytes}`` by index; a truncated tail is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.truncated = False
+        size = path.stat().st_size
+        members: dict[str, dict[str, tuple[int, int]]] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    if m.offset_data + m.size > size:
+                        self.truncated = True
+                        break
+                    key, _, ext = Path(m.name).name.partition(".")
+                    members.setdefault(str(Path(m.name).parent / key), {})[ext] = (m.offset_data, m.size)
+        except (tarfile.ReadError, EOFError, OSError):
+            self.truncated = True
+        self.samples = list(members.values())
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, index: int) -> dict[str, bytes]:
+        with open(self.path, "rb") as f:
+            out = {}
+            for ext, (offset, size) in self.samples[index].items():
+                f.seek(offset)
+                out[ext] = f.read(size)
+            return out
