@@ -1,30 +1,12 @@
-"""Photograph-like generated images for data tests: smooth gradients, soft blobs and sensor noise."""
+"""Generated images saved to disk for data tests."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+from biodino.data.synthetic import jpeg_bytes, photo
 
-
-def photo(seed: int, width: int = 96, height: int = 72) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    ys, xs = np.mgrid[0:height, 0:width] / max(width, height)
-    img = rng.uniform(0, 1, (3, 1, 1)) + rng.uniform(-0.5, 0.5, (3, 1, 1)) * (xs + ys)[None]
-    for _ in range(12):
-        cy, cx, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.04, 0.2)
-        blob = np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * r * r))
-        img += rng.uniform(-0.8, 0.8, (3, 1, 1)) * blob[None]
-    img += rng.normal(0, 0.03, img.shape)
-    return Image.fromarray((np.clip(img, 0, 1).transpose(1, 2, 0) * 255).astype(np.uint8))
-
-
-def jpeg_bytes(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+__all__ = ["jpeg_bytes", "photo", "save_photo"]
 
 
 def save_photo(path: Path, seed: int, width: int = 96, height: int = 72, quality: int = 90) -> Path:

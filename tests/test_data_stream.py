@@ -163,3 +163,29 @@ def test_jpeg_draft_decodes_at_reduced_size_only_when_every_crop_allows() -> Non
     assert small_outputs.size == (200, 150)  # factor 4.1 -> JPEG scale 1/4
     tight = _decode(Image.open(io.BytesIO(data)), [(0, 0, 400, 400), (0, 0, 60, 60)], [96, 48])
     assert tight.size == (800, 600)  # a 60 px box for a 48 px crop allows no reduction
+
+
+def test_module_trains_on_packed_shards_through_the_datamodule(shards) -> None:
+    """Shards -> stream -> CPU crops -> device photometrics -> DINOv2 loss; epochs continue the stream."""
+    import lightning as L
+
+    from biodino.data.datamodule import ShardDataModule
+    from biodino.ssl.dinov2 import DINOv2Module
+    from biodino.train.config import HeadConfig
+
+    cfg = _cfg(batch_size=4)
+    cfg.data.shards, cfg.data.num_workers, cfg.data.pin_memory = str(shards[0].path.parent / "s.json"), 1, False
+    cfg.objective.dino.head = cfg.objective.ibot.head = HeadConfig(num_prototypes=64, hidden_dim=32, bottleneck_dim=16)
+    cfg.schedule.epochs, cfg.schedule.steps_per_epoch = 2, 2
+    seen: list[int] = []
+
+    class Seen(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            seen.append(int(batch["batch_index"]))
+            assert batch["global_crops"].dtype == torch.float32  # augmented and normalized on the device
+
+    trainer = L.Trainer(max_steps=3, limit_train_batches=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[Seen()])
+    trainer.fit(DINOv2Module(cfg), datamodule=ShardDataModule(cfg))
+    assert trainer.global_step == 3 and seen == [0, 1, 2]  # epoch 2 starts where epoch 1 stopped
+    assert trainer.callback_metrics["data/corrupt_samples"] == 0

@@ -19,6 +19,8 @@ from biodino.data.photometric import (
     adjust_saturation,
     gaussian_blur,
     grayscale,
+    hsv_to_rgb,
+    rgb_to_hsv,
     solarize,
 )
 from biodino.train.config import CropsConfig
@@ -66,6 +68,16 @@ def test_saturation_matches_torchvision() -> None:
 
 def test_hue_matches_torchvision() -> None:
     _check_op(adjust_hue, TF.adjust_hue, [-0.5, -0.1, -0.037, 0.0, 0.05, 0.1, 0.29, 0.5])
+
+
+def test_hsv_is_in_range_and_round_trips() -> None:
+    x = _images(8)
+    hsv = rgb_to_hsv(x)
+    assert hsv.min() >= 0 and hsv[:, 0].max() < 1 and hsv[:, 1:].max() <= 1
+    assert torch.equal(hsv[:, 0, 0, :4], torch.zeros(8, 4))  # gray pixels: hue 0
+    assert torch.equal(hsv[:, 1, 0, :4], torch.zeros(8, 4))  # ... and saturation 0
+    torch.testing.assert_close(hsv[:, :, 1, 0], torch.tensor([0.0, 1.0, 1.0]).expand(8, 3))  # pure red
+    torch.testing.assert_close(hsv_to_rgb(hsv), x, atol=ATOL, rtol=0)
 
 
 def test_grayscale_matches_torchvision() -> None:
@@ -193,7 +205,7 @@ def _changed(out: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
     return (out - plain).abs().flatten(1).amax(1) > 1e-4
 
 
-B, N_LOCAL = 3000, 2  # 6000 global and 6000 local 8x8 crops per statistics test
+B, N_LOCAL = 2000, 2  # 4000 global and 4000 local 8x8 crops per statistics test
 
 
 def _run_stats(cfg: CropsConfig, global_crops: torch.Tensor, local_crops: torch.Tensor,
@@ -216,7 +228,7 @@ def test_solarize_only_on_global_crop_2() -> None:
 @pytest.mark.parametrize("inverted, expected", [(False, (1.0, 0.1, 0.5)), (True, (0.0, 0.9, 0.5))])
 def test_blur_frequencies(inverted: bool, expected: tuple[float, float, float]) -> None:
     # Sigmas near 0.1 barely change an image; draw from [1, 2] so that every blur is visible.
-    cfg = _cfg(**OFF, blur_p=(1.0, 0.1, 0.5), blur_sigma=(1.0, 2.0), blur_reference_inverted=inverted)
+    cfg = _cfg(**{**OFF, "blur_p": (1.0, 0.1, 0.5)}, blur_sigma=(1.0, 2.0), blur_reference_inverted=inverted)
     global_crops, local_crops = _uint8(2 * B, 8, 0), _uint8(N_LOCAL * B, 8, 1)
     g1, g2, loc, aug = _run_stats(cfg, global_crops, local_crops)
     plains = aug.normalize(global_crops[:B]), aug.normalize(global_crops[B:]), aug.normalize(local_crops)

@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from biodino.data.collate import collate_crops
 from biodino.data.multicrop import MultiCrop
 from biodino.data.shard_index import Shard
-from biodino.data.stream import BATCH_MASKS, SAMPLE_AUGMENT, SampleStream
+from biodino.data.stream import BATCH_MASKS, SAMPLE_AUGMENT, SampleStream, derived_seed
 from biodino.data.tar_reader import TarShard
 from biodino.ssl.masking import MaskSampler
 from biodino.train.config import TrainConfig
@@ -62,7 +62,7 @@ class MultiCropBatches(IterableDataset):
             sample, skipped = self._sample(p)
             samples.append(sample)
             corrupt += skipped
-        rng = random.Random(int(np.random.SeedSequence([self.cfg.seed, self.rank, BATCH_MASKS, m]).generate_state(1)[0]))
+        rng = random.Random(derived_seed(self.cfg.seed, self.rank, BATCH_MASKS, m))
         batch = collate_crops(samples)
         batch["masks"] = self.mask_sampler(batch["global_crops"].shape[0], rng)
         batch["batch_index"] = torch.tensor(m)

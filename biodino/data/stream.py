@@ -18,7 +18,12 @@ import numpy as np
 from biodino.data.shard_index import Shard
 
 # Domains of the seed sequences [seed, rank, domain, index], so the draws of different purposes never coincide.
-SHARD_DRAW, SAMPLE_AUGMENT, BATCH_MASKS = 0, 1, 2
+SHARD_DRAW, SAMPLE_AUGMENT, BATCH_MASKS, BATCH_PHOTOMETRIC = 0, 1, 2, 3
+
+
+def derived_seed(*key: int) -> int:
+    """A 63-bit seed for one purpose, from integers such as (seed, rank, domain, index)."""
+    return int(np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass(frozen=True)

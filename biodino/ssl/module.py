@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from biodino.data.photometric import Photometric
+from biodino.data.stream import BATCH_PHOTOMETRIC, derived_seed
 from biodino.ssl.ema import ema_update_
 from biodino.ssl.network import SSLNetwork
 from biodino.ssl.param_groups import param_groups
@@ -32,9 +34,7 @@ class SSLModule(L.LightningModule):
         self.teacher = copy.deepcopy(self.student)
         self.teacher.requires_grad_(False)
         self.teacher.eval()
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (cfg.crops.normalize_mean, cfg.crops.normalize_std))
-        self.register_buffer("pixel_mean", mean * 255.0, persistent=False)
-        self.register_buffer("pixel_std", std * 255.0, persistent=False)
+        self.photometric = Photometric(cfg.crops)
 
     def build_network(self) -> SSLNetwork:
         raise NotImplementedError
@@ -47,12 +47,27 @@ class SSLModule(L.LightningModule):
 
     # -- data on the device ------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """uint8 crops from the workers become normalized floats here, on the device."""
-        for key in ("global_crops", "local_crops"):
-            crops = batch.get(key)
-            if crops is not None and crops.dtype == torch.uint8:
-                batch[key] = (crops.float() - self.pixel_mean) / self.pixel_std
+        """uint8 crops from the workers get their photometric augmentation here, batched on the device.
+
+        Its randomness is seeded by (seed, rank, batch index), so a resumed run draws the same parameters.
+        """
+        if batch["global_crops"].dtype != torch.uint8:
+            return batch  # already augmented and normalized by the caller
+        if self.trainer is not None and self.trainer.training:
+            index = int(batch.get("batch_index", torch.tensor(self.global_step)))
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(derived_seed(self.cfg.seed, self.global_rank, BATCH_PHOTOMETRIC, index))
+            batch["global_crops"], batch["local_crops"] = self.photometric(
+                batch["global_crops"], batch["local_crops"], gen)
+        else:
+            batch["global_crops"] = self.photometric.normalize(batch["global_crops"])
+            batch["local_crops"] = self.photometric.normalize(batch["local_crops"])
         return batch
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        if "corrupt" in batch:
+            self.log("data/corrupt_samples", batch["corrupt"].float(), on_step=False, on_epoch=True,
+                     reduce_fx="sum")
 
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
