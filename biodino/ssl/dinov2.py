@@ -66,20 +66,22 @@ class DINOv2Module(SSLModule):
         g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
         temp = self.schedules.teacher_temp(self.global_step)
 
+        use_ibot = o.ibot.weight > 0
         with torch.no_grad():
             t_out = self.teacher.backbone.forward_features(g)
             t_dino = self._targets(self.teacher.dino_head(t_out.cls), self.dino_center, temp)
-            t_ibot = self._targets(self.teacher.patch_head(t_out.patches[masks]), self.ibot_center, temp)
+            if use_ibot:
+                t_ibot = self._targets(self.teacher.patch_head(t_out.patches[masks]), self.ibot_center, temp)
 
-        s_g = self.student.backbone.forward_features(g, masks, self.student.mask_token)
+        s_g = self.student.backbone.forward_features(g, masks if use_ibot else None, self.student.mask_token)
         s_l = self.student.backbone.forward_features(loc)
-        terms = {
-            "dino": dino_loss(self.student.dino_head(s_g.cls), self.student.dino_head(s_l.cls), t_dino,
-                              o.student_temp, N_GLOBAL),
-            "ibot": ibot_loss(self.student.patch_head(s_g.patches[masks]), t_ibot, masked_token_weights(masks),
-                              g.shape[0], o.student_temp),
-        }
-        weights = {"dino": o.dino.weight, "ibot": o.ibot.weight}
+        terms = {"dino": dino_loss(self.student.dino_head(s_g.cls), self.student.dino_head(s_l.cls), t_dino,
+                                   o.student_temp, N_GLOBAL)}
+        weights = {"dino": o.dino.weight}
+        if use_ibot:
+            terms["ibot"] = ibot_loss(self.student.patch_head(s_g.patches[masks]), t_ibot,
+                                      masked_token_weights(masks), g.shape[0], o.student_temp)
+            weights["ibot"] = o.ibot.weight
         if o.koleo.weight > 0:  # per global crop, summed (DINOv2): never between two crops of one image
             terms["koleo"] = sum(koleo_loss(c) for c in s_g.cls.chunk(N_GLOBAL))
             weights["koleo"] = o.koleo.weight

@@ -102,6 +102,20 @@ class SSLModule(L.LightningModule):
         ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
         self.log("momentum", momentum, on_step=True, on_epoch=False)
 
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """RNG states (stochastic depth draws from torch's global generator) for an exact resume."""
+        checkpoint["rng"] = {"torch": torch.get_rng_state(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("rng")
+        if rng is None:
+            return
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
     # -- loss bookkeeping ----------------------------------------------------------------------------
     def total_loss(self, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
         """Weighted sum of the terms; logs each term and stops on a non-finite one, naming it."""

@@ -74,6 +74,86 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_pack)
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from biodino.data.shard_index import ShardIndexError, resolve_shards
+    from biodino.train.recipe import ConfigError, load_config
+    from biodino.train.trainer import train
+
+    try:
+        cfg = load_config(args.recipe, args.overrides)
+        if not cfg.data.shards:
+            raise ConfigError("data.shards: missing required value (a shard index or glob)")
+        resolve_shards(cfg.data.shards)
+        if cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
+            raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
+    except (ConfigError, ShardIndexError) as err:
+        raise UsageError(str(err)) from None
+    run = train(cfg)
+    print(f"run directory: {run.root}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from biodino.train.export import export_backbone, export_full, load_training_state
+    from biodino.train.safe_load import CheckpointError
+
+    try:
+        state = load_training_state(Path(args.source))
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    out = Path(args.out)
+    if args.full:
+        path = export_full(state, out / f"{state.cfg.model.preset}_{args.tag or state.cfg.name}_{state.step}_full.safetensors")
+    else:
+        path = export_backbone(state, out, "student" if args.student else "teacher", args.resolution, args.tag)
+    print(path)
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from biodino.eval.embed import embed_images, eval_transform, image_paths, write_embeddings
+    from biodino.train.export import load_backbone
+    from biodino.train.safe_load import CheckpointError
+
+    out = Path(args.out)
+    if out.suffix not in (".npz", ".parquet"):
+        raise UsageError(f"--out must end in .npz or .parquet, got {out.name}")
+    try:
+        backbone, meta = load_backbone(Path(args.model))
+        paths = image_paths(args.images)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    transform = eval_transform(meta["resolution"], meta["normalization"]["mean"], meta["normalization"]["std"])
+    embeddings = embed_images(backbone.to(args.device), paths, transform, args.batch_size)
+    write_embeddings(out, embeddings, paths)
+    print(f"{len(paths)} embeddings of size {embeddings.shape[1]} -> {out}")
+    return 0
+
+
+def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train from a recipe; run again on the same run directory to resume")
+    p.add_argument("recipe", help="a recipe YAML file or a name under configs/ (e.g. demo)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.batch_size=32")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export the teacher (or student) backbone, or the full training weights")
+    p.add_argument("source", help="a run directory, a .ckpt checkpoint or a full-weights .safetensors")
+    p.add_argument("--student", action="store_true", help="export the student backbone instead of the teacher")
+    p.add_argument("--resolution", type=int, default=None, help="resize the position embedding to this size")
+    p.add_argument("--full", action="store_true", help="export full training weights (student, teacher, heads, centers)")
+    p.add_argument("--tag", default=None, help="name part of the file (default: the run name)")
+    p.add_argument("--out", default=".", help="output folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("embed", help="embed images with an exported backbone")
+    p.add_argument("model", help="a backbone .safetensors written by biodino export")
+    p.add_argument("images", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output .npz (embeddings, paths) or .parquet")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=_cmd_embed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="biodino", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="count parameters at this input size (presets whose patch does not divide it are skipped)")
     models.set_defaults(func=_cmd_models)
     _add_pack(sub)
+    _add_train_export_embed(sub)
     return parser
 
 

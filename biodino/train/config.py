@@ -122,7 +122,7 @@ class ScheduleConfig:
     steps_per_epoch: int = 1250
     batch_size: int = 64  # per device
     accumulate_grad_batches: int = 1
-    world_size: int = 1  # filled in from the launcher
+    world_size: int = 1  # set from trainer.devices x trainer.num_nodes when the run is built
 
     @property
     def total_steps(self) -> int:
@@ -134,7 +134,38 @@ class ScheduleConfig:
 
 
 @dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: Optional[str] = None  # None: bf16-mixed on GPU, 32-true on CPU
+    strategy: str = "auto"
+    compile: bool = False
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"  # online | offline | disabled | auto (online when an API key is configured, else offline)
+    project: str = "biodino"
+    plots: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class InitConfig:
+    full_weights: Optional[str] = None  # a full-weights file (`biodino export --full`): weights only, fresh optimizer
+
+
+@dataclass
 class TrainConfig:
+    name: str = "run"
+    runs_dir: str = "runs"
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -142,3 +173,7 @@ class TrainConfig:
     crops: CropsConfig = field(default_factory=CropsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)

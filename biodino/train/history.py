@@ -1,0 +1,72 @@
+"""Per-step history (logs/history.jsonl, appended across resumes) and the PNG curves drawn from it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+PLOTS = {"losses": ("loss/",), "schedules": ("lr", "wd", "momentum", "teacher_temp"),
+         "optimization": ("grad_norm",), "throughput": ("perf/",)}
+
+
+def read_history(path: Path) -> dict[int, dict[str, float]]:
+    """Metrics by step; a step logged twice (re-run after a resume) keeps its last record."""
+    steps: dict[int, dict[str, float]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                steps[int(record.pop("step"))] = record
+    return dict(sorted(steps.items()))
+
+
+class History(L.Callback):
+    """Appends the step's logged scalars after every optimizer step; draws curves at each epoch end."""
+
+    def __init__(self, path: Path, plots_dir: Path | None) -> None:
+        self.path, self.plots_dir = path, plots_dir
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_rank != 0:
+            return
+        record = {"step": trainer.global_step - 1}
+        record.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.plots_dir is not None and trainer.global_rank == 0:
+            draw(read_history(self.path), self.plots_dir)
+
+
+def draw(history: dict[int, dict[str, float]], out: Path) -> list[Path]:
+    """One PNG per group of metrics (losses, schedules, optimization, throughput)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    keys = sorted({k for record in history.values() for k in record})
+    for name, prefixes in PLOTS.items():
+        chosen = [k for k in keys if k.startswith(prefixes)]
+        if not chosen:
+            continue
+        fig, axes = plt.subplots(len(chosen), 1, figsize=(7, 2.2 * len(chosen)), squeeze=False, sharex=True)
+        for ax, key in zip(axes[:, 0], chosen):
+            points = [(s, r[key]) for s, r in history.items() if key in r and math.isfinite(r[key])]
+            ax.plot([s for s, _ in points], [v for _, v in points], lw=1)
+            ax.set_ylabel(key, fontsize=8)
+            ax.grid(alpha=0.3)
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    return written

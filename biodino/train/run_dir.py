@@ -1,0 +1,55 @@
+"""A run's directory: ``runs/<name>/`` with config.yaml, checkpoints/, logs/ and plots/."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+CHECKPOINT_PATTERN = re.compile(r"^step=(\d+)\.ckpt$")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def history(self) -> Path:
+        """One JSON line per optimizer step (losses, schedules); appended across resumes."""
+        return self.logs / "history.jsonl"
+
+    def create(self) -> "RunDir":
+        for d in (self.checkpoints, self.logs, self.plots):
+            d.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def newest_checkpoint(self) -> Optional[Path]:
+        """The checkpoint of the highest step; files only appear once completely written (atomic saves)."""
+        found = [(int(m.group(1)), p) for p in self.checkpoints.glob("step=*.ckpt")
+                 if (m := CHECKPOINT_PATTERN.match(p.name))]
+        return max(found)[1] if found else None
+
+    def wandb_id(self) -> str:
+        """The run's wandb id, created once and kept, so a resumed run continues the same wandb run."""
+        path = self.root / "wandb_id"
+        if not path.exists():
+            path.write_text(uuid.uuid4().hex[:12] + "\n")
+        return path.read_text().strip()
