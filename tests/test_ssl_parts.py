@@ -60,7 +60,7 @@ def test_block_masking_reaches_its_target_with_rectangles() -> None:
 def _cfg() -> TrainConfig:
     cfg = TrainConfig()
     cfg.schedule.epochs, cfg.schedule.steps_per_epoch, cfg.schedule.batch_size = 10, 100, 64
-    cfg.schedule.accumulate_grad_batches, cfg.schedule.world_size = 2, 2  # global batch 256
+    cfg.schedule.accumulate_grad_batches, cfg.trainer.devices = 2, 2  # global batch 256
     cfg.optim.warmup_epochs, cfg.objective.warmup_teacher_temp_epochs = 2, 3
     cfg.objective.freeze_last_layer_epochs = 1
     return cfg

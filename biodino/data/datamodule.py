@@ -11,15 +11,16 @@ from torch.utils.data import DataLoader
 from biodino.data.dataset import MultiCropBatches
 from biodino.data.shard_index import Shard, resolve_shards
 from biodino.models import preset_config
-from biodino.ssl.masking import BlockMasking, MaskSampler
+from biodino.ssl.masking import BlockMasking, CyclicMasking, MaskSampler
 from biodino.train.config import TrainConfig
 
 
 def mask_sampler(cfg: TrainConfig) -> MaskSampler:
-    """iBOT masks on the global-crop patch grid of the configured backbone."""
-    grid = cfg.crops.global_size // preset_config(cfg.model.preset).patch_size
+    """iBOT masks on the global-crop patch grid: block masking (DINOv2) or inverse-roll masking (Franca)."""
+    side = cfg.crops.global_size // preset_config(cfg.model.preset).patch_size
+    shape = CyclicMasking if cfg.objective.name == "franca" else BlockMasking
     ibot = cfg.objective.ibot
-    return MaskSampler(BlockMasking((grid, grid)), grid * grid, ibot.mask_sample_probability,
+    return MaskSampler(shape((side, side)), side * side, ibot.mask_sample_probability,
                        ibot.mask_ratio_min, ibot.mask_ratio_max)
 
 

@@ -31,10 +31,13 @@ class TarShard:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, index: int) -> dict[str, bytes]:
+    def read(self, index: int, exts: tuple[str, ...]) -> bytes | None:
+        """The bytes of the sample's first member whose extension is in ``exts`` (None if it has none)."""
+        members = self.samples[index]
+        ext = next((e for e in exts if e in members), None)
+        if ext is None:
+            return None
+        offset, size = members[ext]
         with open(self.path, "rb") as f:
-            out = {}
-            for ext, (offset, size) in self.samples[index].items():
-                f.seek(offset)
-                out[ext] = f.read(size)
-            return out
+            f.seek(offset)
+            return f.read(size)

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from biodino.models import build_backbone
+from biodino.models import VisionTransformer, build_backbone
 from biodino.ssl.heads import DINOHead
 from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, masked_token_weights, sinkhorn_knopp
 from biodino.ssl.module import SSLModule
@@ -29,6 +29,18 @@ def check_objective(cfg: TrainConfig) -> None:
         )
 
 
+def student_backbone(cfg: TrainConfig) -> VisionTransformer:
+    """The recipe's backbone at the global crop size, with the model section's overrides."""
+    m = cfg.model
+    overrides: dict[str, Any] = {"attn_backend": m.attn_backend, "grad_checkpointing": m.grad_checkpointing,
+                                 "image_size": cfg.crops.global_size}
+    if m.drop_path_rate is not None:
+        overrides["drop_path_rate"] = m.drop_path_rate
+    if m.layer_scale_init is not None:
+        overrides["layer_scale_init"] = m.layer_scale_init or None
+    return build_backbone(m.preset, **overrides)
+
+
 def _head(in_dim: int, h: HeadConfig) -> DINOHead:
     return DINOHead(in_dim, h.num_prototypes, h.hidden_dim, h.bottleneck_dim, h.nlayers)
 
@@ -46,44 +58,47 @@ class DINOv2Module(SSLModule):
         self.ibot_center = SoftmaxCenter(ibot_k, o.center_momentum)
 
     def build_network(self) -> SSLNetwork:
-        m, o = self.cfg.model, self.cfg.objective
-        overrides: dict[str, Any] = {"attn_backend": m.attn_backend, "grad_checkpointing": m.grad_checkpointing,
-                                     "image_size": self.cfg.crops.global_size}
-        if m.drop_path_rate is not None:
-            overrides["drop_path_rate"] = m.drop_path_rate
-        backbone = build_backbone(m.preset, **overrides)
+        o = self.cfg.objective
+        backbone = student_backbone(self.cfg)
         dim = backbone.embed_dim
         ibot_head = _head(dim, o.ibot.head) if o.ibot.separate_head else None
         return SSLNetwork(backbone, _head(dim, o.dino.head), ibot_head)
 
-    def _targets(self, logits: torch.Tensor, center: SoftmaxCenter, temp: float) -> torch.Tensor:
+    def targets(self, logits: torch.Tensor, kind: str, temp: float) -> list[torch.Tensor]:
+        """Teacher targets per level (DINOv2 has one) for the ``dino`` or ``ibot`` head's logits."""
         if self.cfg.objective.centering == "softmax":
-            return center(logits, temp)
-        return sinkhorn_knopp(logits, temp, self.cfg.objective.sinkhorn_iterations)
+            center = self.dino_center if kind == "dino" else self.ibot_center
+            return [center(logits, temp)]
+        return [sinkhorn_knopp(logits, temp, self.cfg.objective.sinkhorn_iterations)]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         o = self.cfg.objective
         g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
         temp = self.schedules.teacher_temp(self.global_step)
-
         use_ibot = o.ibot.weight > 0
         with torch.no_grad():
             t_out = self.teacher.backbone.forward_features(g)
-            t_dino = self._targets(self.teacher.dino_head(t_out.cls), self.dino_center, temp)
+            t_dino = self.targets(self.teacher.dino_head(t_out.cls), "dino", temp)
             if use_ibot:
-                t_ibot = self._targets(self.teacher.patch_head(t_out.patches[masks]), self.ibot_center, temp)
+                t_ibot = self.targets(self.teacher.patch_head(t_out.patches[masks]), "ibot", temp)
 
         s_g = self.student.backbone.forward_features(g, masks if use_ibot else None, self.student.mask_token)
         s_l = self.student.backbone.forward_features(loc)
-        terms = {"dino": dino_loss(self.student.dino_head(s_g.cls), self.student.dino_head(s_l.cls), t_dino,
-                                   o.student_temp, N_GLOBAL)}
+        levels = zip(_levels(self.student.dino_head(s_g.cls)), _levels(self.student.dino_head(s_l.cls)), t_dino)
+        terms = {"dino": sum(dino_loss(sg, sl, t, o.student_temp, N_GLOBAL) for sg, sl, t in levels)}
         weights = {"dino": o.dino.weight}
         if use_ibot:
-            terms["ibot"] = ibot_loss(self.student.patch_head(s_g.patches[masks]), t_ibot,
-                                      masked_token_weights(masks), g.shape[0], o.student_temp)
+            weight = masked_token_weights(masks)
+            s_patch = _levels(self.student.patch_head(s_g.patches[masks]))
+            terms["ibot"] = sum(ibot_loss(s, t, weight, g.shape[0], o.student_temp) for s, t in zip(s_patch, t_ibot))
             weights["ibot"] = o.ibot.weight
         if o.koleo.weight > 0:  # per global crop, summed (DINOv2): never between two crops of one image
             terms["koleo"] = sum(koleo_loss(c) for c in s_g.cls.chunk(N_GLOBAL))
             weights["koleo"] = o.koleo.weight
         self.log("teacher_temp", temp, on_step=True, on_epoch=False)
         return self.total_loss(terms, weights)
+
+
+def _levels(logits: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """A head's output as a list of levels: DINOv2's one tensor, or Franca's nested levels."""
+    return logits if isinstance(logits, list) else [logits]

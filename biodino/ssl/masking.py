@@ -78,3 +78,50 @@ class MaskSampler:
         masks += [torch.zeros(self.num_patches, dtype=torch.bool) for _ in range(n_crops - n_masked)]
         rng.shuffle(masks)
         return torch.stack(masks)
+
+
+class CyclicMasking:
+    """Franca's inverse-roll mask: masks everything outside one visible block of N - n patches that is
+    cyclically shifted (it may wrap around the edges), so exactly ``n`` patches are masked.
+
+    The visible block is the first N - n cells, row-major, of an h x w rectangle (aspect ratio h / w
+    log-uniform in [min_aspect, max_aspect], clamped to the grid) with h * w >= N - n: full rows plus
+    one left-aligned partial last row. The random draws follow birder's FrancaInverseRollBlockMasking
+    (aspect, top, left, row shift, column shift) so a seeded generator reproduces its masks.
+    """
+
+    def __init__(self, grid: tuple[int, int], min_aspect: float = 0.3, max_aspect: Optional[float] = None) -> None:
+        self.height, self.width = grid
+        self.num_patches = self.height * self.width
+        max_aspect = max_aspect if max_aspect is not None else 1.0 / min_aspect
+        self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
+
+    def __call__(self, n: int, rng: random.Random) -> torch.Tensor:
+        if not 0 <= n <= self.num_patches:
+            raise ValueError(f"cannot mask {n} of {self.num_patches} patches")
+        if n in (0, self.num_patches):
+            return torch.full((self.num_patches,), n > 0, dtype=torch.bool)
+        visible = self.num_patches - n
+        h, w = self._block_shape(visible, rng)
+        # top/left are redundant with the shift but are drawn to keep birder's random stream.
+        top, left = rng.randint(0, self.height - h), rng.randint(0, self.width - w)
+        dy, dx = rng.randint(0, self.height - 1), rng.randint(0, self.width - 1)
+        i = torch.arange(visible)
+        rows = (top + dy + i // w) % self.height
+        cols = (left + dx + i % w) % self.width
+        mask = torch.ones(self.height, self.width, dtype=torch.bool)
+        mask[rows, cols] = False
+        return mask.flatten()
+
+    def _block_shape(self, visible: int, rng: random.Random) -> tuple[int, int]:
+        """(h, w) of a rectangle holding at least ``visible`` cells, aspect clamped so it fits the grid."""
+        grid_lo = math.log(visible / self.width**2)
+        grid_hi = math.log(self.height**2 / (visible + 1e-5))
+        lo, hi = max(self.log_aspect[0], grid_lo), min(self.log_aspect[1], grid_hi)
+        if lo <= hi:
+            aspect = math.exp(rng.uniform(lo, hi))
+        else:  # the requested range misses the grid's: take the nearest feasible aspect
+            aspect = math.exp(grid_hi if self.log_aspect[0] > grid_hi else grid_lo)
+        h = min(self.height, math.ceil(math.sqrt(visible * aspect)))
+        w = min(self.width, max(math.ceil(math.sqrt(visible / aspect)), -(-visible // h)))
+        return min(self.height, max(h, -(-visible // w))), w

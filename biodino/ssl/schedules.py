@@ -42,7 +42,7 @@ class Schedules:
 
     def lr(self, step: int) -> float:
         o = self.cfg.optim
-        peak = sqrt_scaled_lr(o.base_lr, self.cfg.schedule.global_batch_size)
+        peak = sqrt_scaled_lr(o.base_lr, self.cfg.global_batch_size)
         return warmup_cosine(peak, o.min_lr, step, self.total, self._steps(o.warmup_epochs))
 
     def weight_decay(self, step: int) -> float:

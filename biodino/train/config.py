@@ -14,6 +14,7 @@ from typing import Optional
 class ModelConfig:
     preset: str = "vit_tiny_p8"
     drop_path_rate: Optional[float] = None  # None: the preset's rate
+    layer_scale_init: Optional[float] = None  # None: the preset's; 0 turns LayerScale off
     attn_backend: str = "sdpa"
     grad_checkpointing: bool = False
 
@@ -60,6 +61,8 @@ class ObjectiveConfig:
     momentum_teacher: float = 0.992
     final_momentum_teacher: float = 1.0
     freeze_last_layer_epochs: float = 1
+    nesting_levels: int = 5  # Franca: Matryoshka levels of the heads
+    sinkhorn_queue_size: int = 0  # Franca: queued teacher rows per level joining Sinkhorn-Knopp (0: none)
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
     koleo: KoleoConfig = field(default_factory=KoleoConfig)
@@ -122,15 +125,10 @@ class ScheduleConfig:
     steps_per_epoch: int = 1250
     batch_size: int = 64  # per device
     accumulate_grad_batches: int = 1
-    world_size: int = 1  # set from trainer.devices x trainer.num_nodes when the run is built
 
     @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.accumulate_grad_batches * self.world_size
 
 
 @dataclass
@@ -177,3 +175,9 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all ranks: the batch the lr scaling refers to."""
+        s = self.schedule
+        return s.batch_size * s.accumulate_grad_batches * self.trainer.devices * self.trainer.num_nodes

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,7 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open
 
 import biodino
-from biodino.models import VisionTransformer, build_backbone
+from biodino.models import VisionTransformer, ViTConfig
+from biodino.ssl.dinov2 import student_backbone
 from biodino.train import full_weights
 from biodino.train.config import TrainConfig
 from biodino.train.recipe import config_from_dict
@@ -61,7 +62,7 @@ def load_training_state(source: Path) -> TrainingState:
 def backbone_from_state(state: TrainingState, network: str = "teacher") -> VisionTransformer:
     """The ``network`` backbone of a training state, at the resolution it was trained at."""
     prefix = f"{network}.backbone."
-    backbone = build_backbone(state.cfg.model.preset, image_size=state.cfg.crops.global_size)
+    backbone = student_backbone(state.cfg)
     backbone.load_state_dict({k[len(prefix):]: v for k, v in state.weights.items() if k.startswith(prefix)})
     return backbone
 
@@ -74,7 +75,8 @@ def export_backbone(state: TrainingState, out_dir: Path, network: str = "teacher
         backbone.resize_pos_embed(resolution)
     cfg = state.cfg
     sidecar = {
-        "format": BACKBONE_FORMAT, "preset": cfg.model.preset, "resolution": backbone.image_size,
+        "format": BACKBONE_FORMAT, "preset": cfg.model.preset, "architecture": asdict(backbone.cfg),
+        "resolution": backbone.image_size,
         "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim, "num_registers": backbone.num_registers,
         "normalization": {"mean": list(cfg.crops.normalize_mean), "std": list(cfg.crops.normalize_std)},
         "provenance": {"source": str(state.source), "step": state.step, "run": cfg.name, "network": network,
@@ -106,6 +108,7 @@ def load_backbone(path: Path) -> tuple[VisionTransformer, dict[str, Any]]:
         raise CheckpointError(f"{path} is not a biodino backbone export: {err}") from None
     if sidecar.get("format") != BACKBONE_FORMAT:
         raise CheckpointError(f"{path} is not a biodino backbone export (no {BACKBONE_FORMAT} metadata)")
-    backbone = build_backbone(sidecar["preset"], image_size=sidecar["resolution"], drop_path_rate=0.0)
+    arch = {**sidecar["architecture"], "drop_path_rate": 0.0, "grad_checkpointing": False}
+    backbone = VisionTransformer(ViTConfig(**arch))
     backbone.load_state_dict(tensors)
     return backbone.eval(), sidecar

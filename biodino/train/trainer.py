@@ -14,16 +14,17 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from biodino.data.datamodule import ShardDataModule
 from biodino.ssl.dinov2 import DINOv2Module
+from biodino.ssl.franca import FrancaModule
 from biodino.ssl.module import SSLModule
 from biodino.train import full_weights
-from biodino.train.checkpointing import StepAndEpochCheckpoint
+from biodino.train.checkpointing import AtomicCheckpointIO, StepAndEpochCheckpoint, remove_partial
 from biodino.train.config import TrainConfig
 from biodino.train.history import History
 from biodino.train.recipe import to_yaml
 from biodino.train.run_dir import RunDir
 from biodino.train.throughput import Throughput
 
-OBJECTIVES: dict[str, type[SSLModule]] = {"dinov2": DINOv2Module}
+OBJECTIVES: dict[str, type[SSLModule]] = {"dinov2": DINOv2Module, "franca": FrancaModule}
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
@@ -75,14 +76,15 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
                      max_steps=s.total_steps, max_epochs=s.epochs, limit_train_batches=s.steps_per_epoch
                      * s.accumulate_grad_batches, accumulate_grad_batches=s.accumulate_grad_batches,
                      callbacks=callbacks, logger=loggers(cfg, run), log_every_n_steps=cfg.trainer.log_every_n_steps,
-                     default_root_dir=str(run.root), num_sanity_val_steps=0, use_distributed_sampler=False)
+                     default_root_dir=str(run.root), num_sanity_val_steps=0, use_distributed_sampler=False,
+                     plugins=[AtomicCheckpointIO()])
 
 
 def train(cfg: TrainConfig) -> RunDir:
     """Train from ``cfg`` in ``runs_dir/name``; started again on the same directory, it resumes from the
     newest complete checkpoint (model, optimizer, schedules, centers, RNG, data position)."""
     run = RunDir(Path(cfg.runs_dir) / cfg.name).create()
-    cfg.schedule.world_size = cfg.trainer.devices * cfg.trainer.num_nodes
+    remove_partial(run.checkpoints)
     resume: Optional[Path] = run.newest_checkpoint()
     tmp = run.config.with_suffix(".tmp")
     tmp.write_text(to_yaml(cfg))

@@ -23,12 +23,16 @@ def _all_reduce(t: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM
 
 @torch.no_grad()
 def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3,
-                   group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                   group: Optional[dist.ProcessGroup] = None, queue: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Equipartitioned soft assignments (rows sum to 1) of ``logits`` (n, K) over the global batch.
 
     Runs in fp32 on ``exp(logits / T)``; prototype (column) sums are all-reduced so the rows of all
     ranks form one batch. A global scalar shift keeps ``exp`` finite and cancels in the normalizations.
+    ``queue`` rows (earlier teacher logits, Franca) join the prototype sums; only ``logits``' rows return.
     """
+    n = logits.shape[0]
+    if queue is not None:
+        logits = torch.cat([logits.float(), queue.float()])
     q = logits.float() / temperature
     shift = _all_reduce(q.max().reshape(1) if q.numel() else q.new_full((1,), -torch.inf), dist.ReduceOp.MAX, group)
     q = torch.exp(q - shift)
@@ -36,7 +40,31 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3
     for _ in range(iterations):
         q = q / _all_reduce(q.sum(dim=0, keepdim=True), group=group).clamp_min(tiny)  # prototypes: equal mass
         q = q / q.sum(dim=1, keepdim=True).clamp_min(tiny)  # each sample's row sums to 1
-    return q
+    return q[:n]
+
+
+class SinkhornQueue(nn.Module):
+    """FIFO of the last ``size`` teacher logit rows of every nesting level, used once full (Franca)."""
+
+    def __init__(self, size: int, widths: list[int]) -> None:
+        super().__init__()
+        self.widths = widths
+        self.register_buffer("rows", torch.zeros(size, sum(widths)))
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("full", torch.zeros((), dtype=torch.bool))
+
+    def levels(self) -> Optional[list[torch.Tensor]]:
+        """The queued rows split by level, or None until the queue has filled once."""
+        return list(self.rows.split(self.widths, dim=1)) if bool(self.full) else None
+
+    @torch.no_grad()
+    def push(self, levels: list[torch.Tensor]) -> None:
+        values = torch.cat([v.float() for v in levels], dim=1)[-self.rows.shape[0]:]
+        size, n = self.rows.shape[0], values.shape[0]
+        index = (self.ptr + torch.arange(n, device=values.device)) % size
+        self.rows[index] = values
+        self.full |= self.ptr + n >= size
+        self.ptr.copy_((self.ptr + n) % size)
 
 
 class SoftmaxCenter(nn.Module):

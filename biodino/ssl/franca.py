@@ -1,0 +1,53 @@
+"""The Franca objective: DINOv2's losses per level of nested Matryoshka heads, Sinkhorn-Knopp targets per
+level (optionally with a queue of recent teacher rows), and inverse-roll (cyclic) iBOT masks."""
+
+from __future__ import annotations
+
+import torch
+
+from biodino.ssl.dinov2 import DINOv2Module, check_objective, student_backbone
+from biodino.ssl.losses import SinkhornQueue, sinkhorn_knopp
+from biodino.ssl.matryoshka import MatryoshkaHead
+from biodino.ssl.network import SSLNetwork
+from biodino.train.config import HeadConfig, TrainConfig
+
+
+def check_franca(cfg: TrainConfig) -> None:
+    check_objective(cfg)
+    if cfg.objective.centering != "sinkhorn_knopp":
+        raise ValueError(f"objective.centering must be 'sinkhorn_knopp' for Franca, got {cfg.objective.centering!r}")
+
+
+def _head(in_dim: int, h: HeadConfig, levels: int) -> MatryoshkaHead:
+    return MatryoshkaHead(in_dim, h.num_prototypes, levels, h.hidden_dim, h.bottleneck_dim, h.nlayers)
+
+
+class FrancaModule(DINOv2Module):
+    """Franca (valeoai/Franca): same batch, crops, EMA, schedules and KoLeo (on the full class token) as DINOv2."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        check_franca(cfg)
+        super().__init__(cfg)
+        o = cfg.objective
+        self.dino_queue = self.ibot_queue = None
+        if o.sinkhorn_queue_size > 0:
+            self.dino_queue = SinkhornQueue(o.sinkhorn_queue_size, self.student.dino_head.num_prototypes)
+            self.ibot_queue = SinkhornQueue(o.sinkhorn_queue_size, self.student.patch_head.num_prototypes)
+
+    def build_network(self) -> SSLNetwork:
+        o = self.cfg.objective
+        backbone = student_backbone(self.cfg)
+        dim, levels = backbone.embed_dim, o.nesting_levels
+        ibot_head = _head(dim, o.ibot.head, levels) if o.ibot.separate_head else None
+        return SSLNetwork(backbone, _head(dim, o.dino.head, levels), ibot_head)
+
+    def targets(self, logits: list[torch.Tensor], kind: str, temp: float) -> list[torch.Tensor]:
+        """Sinkhorn-Knopp per level; queued rows of earlier steps join the prototype sums once the queue is full."""
+        queue = self.dino_queue if kind == "dino" else self.ibot_queue
+        queued = queue.levels() if queue is not None else None
+        iters = self.cfg.objective.sinkhorn_iterations
+        out = [sinkhorn_knopp(level, temp, iters, queue=None if queued is None else queued[i])
+               for i, level in enumerate(logits)]
+        if queue is not None:
+            queue.push(logits)
+        return out
