@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/biodino models
+	$(BIN)/biodino demo --out demo
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -1,11 +1,38 @@
-"""Lightning's checkpointing, every N optimizer steps and at every epoch end, keeping the newest K."""
+"""Lightning's checkpointing, every N optimizer steps and at every epoch end, keeping the newest K,
+each file written atomically in place."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any, Optional
 
 import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes ``.NAME.tmp`` beside the target, fsyncs, then ``os.replace``: a kill leaves either the old state
+    or the complete new file. (Lightning's default stages the file in the system temp directory and moves
+    it, which is a non-atomic copy when that is another filesystem, as on most clusters.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def remove_partial(checkpoints: Path) -> None:
+    """Temporary files of saves that were interrupted."""
+    for tmp in checkpoints.glob(".*.tmp"):
+        tmp.unlink()
 
 
 class StepAndEpochCheckpoint(ModelCheckpoint):
