@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from biodino.models import build_backbone, preset_config
+from biodino.models import build_backbone
 
 # Published parameter counts of the seed models' backbones (model cards / birder releases).
 SEED_COUNTS = [

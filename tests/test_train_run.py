@@ -104,7 +104,7 @@ def test_backbone_export_reloads_to_identical_embeddings_also_resized(full_run, 
     x = torch.randn(3, 3, 32, 32)
     for network in ("teacher", "student"):
         path = export_backbone(state, tmp_path, network)
-        assert path.name == f"vit_tiny_p8_full_12.safetensors"
+        assert path.name == "vit_tiny_p8_full_12.safetensors"
         reloaded, meta = load_backbone(path)
         original = backbone_from_state(state, network).eval()
         assert meta["resolution"] == 32 and meta["embed_dim"] == 96 and meta["provenance"]["network"] == network
