@@ -138,7 +138,6 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: Optional[str] = None  # None: bf16-mixed on GPU, 32-true on CPU
     strategy: str = "auto"
-    compile: bool = False
     log_every_n_steps: int = 10
 
 
