@@ -81,15 +81,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_config(args.recipe, args.overrides)
+        from biodino.train.trainer import train, validate  # Lightning and the model: only past the YAML checks
+
+        validate(cfg)
         if not cfg.data.shards:
             raise ConfigError("data.shards: missing required value (a shard index or glob)")
         resolve_shards(cfg.data.shards)
         if cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
             raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
-    except (ConfigError, ShardIndexError) as err:
+    except (ConfigError, ShardIndexError, ValueError) as err:
         raise UsageError(str(err)) from None
-    from biodino.train.trainer import train  # Lightning and the model: only once the input is known good
-
     run = train(cfg)
     print(f"run directory: {run.root}")
     return 0

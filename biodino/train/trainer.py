@@ -13,8 +13,8 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from biodino.data.datamodule import ShardDataModule
-from biodino.ssl.dinov2 import DINOv2Module
-from biodino.ssl.franca import FrancaModule
+from biodino.ssl.dinov2 import DINOv2Module, check_objective
+from biodino.ssl.franca import FrancaModule, check_franca
 from biodino.ssl.module import SSLModule
 from biodino.train import full_weights
 from biodino.train.checkpointing import AtomicCheckpointIO, StepAndEpochCheckpoint, remove_partial
@@ -28,9 +28,19 @@ OBJECTIVES: dict[str, type[SSLModule]] = {"dinov2": DINOv2Module, "franca": Fran
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
-def build_module(cfg: TrainConfig) -> SSLModule:
+CHECKS = {"dinov2": check_objective, "franca": check_franca}
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every config error that building the run would hit, raised before anything is written."""
     if cfg.objective.name not in OBJECTIVES:
         raise ValueError(f"objective.name must be one of {sorted(OBJECTIVES)}, got {cfg.objective.name!r}")
+    CHECKS[cfg.objective.name](cfg)
+    wandb_mode(cfg)
+
+
+def build_module(cfg: TrainConfig) -> SSLModule:
+    validate(cfg)
     return OBJECTIVES[cfg.objective.name](cfg)
 
 
