@@ -48,7 +48,7 @@ def load_training_state(source: Path) -> TrainingState:
         source = newest
     if source.suffix == ".safetensors":
         tensors, meta = full_weights.read(source)
-        weights = {next((m for m, r in full_weights.CENTERS.items() if r == k), k): v for k, v in tensors.items()}
+        weights = full_weights.module_keys(tensors)
         return TrainingState(weights, config_from_dict(json.loads(meta["config"]), str(source)), int(meta["step"]),
                              source)
     ckpt = load_torch(source)

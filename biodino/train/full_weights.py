@@ -29,6 +29,12 @@ def weights_of(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
+def module_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``weights_of``'s renaming: released center names back to module state-dict keys."""
+    released = {r: m for m, r in CENTERS.items()}
+    return {released.get(k, k): v for k, v in tensors.items()}
+
+
 def metadata_for(cfg: TrainConfig, step: int, stage: str = "") -> dict[str, str]:
     return {"format": FORMAT, "config": json.dumps(asdict(cfg)), "step": str(step), "stage": stage,
             "preset": cfg.model.preset, "resolution": str(cfg.crops.global_size),
@@ -65,7 +71,7 @@ def load_into(module: torch.nn.Module, path: Path) -> dict[str, Any]:
     preset = getattr(module, "cfg").model.preset
     if metadata.get("preset") != preset:
         raise CheckpointError(f"{path} holds preset {metadata.get('preset')!r}, the recipe builds {preset!r}")
-    state = {next((m for m, r in CENTERS.items() if r == k), k): v for k, v in tensors.items()}
+    state = module_keys(tensors)
     for net in ("student", "teacher"):
         backbone = getattr(module, net).backbone
         key = f"{net}.backbone.pos_embedding"
