@@ -18,7 +18,7 @@ import numpy as np
 from biodino.data.shard_index import Shard
 
 # Domains of the seed sequences [seed, rank, domain, index], so the draws of different purposes never coincide.
-SHARD_DRAW, SAMPLE_AUGMENT, BATCH_MASKS, BATCH_PHOTOMETRIC = 0, 1, 2, 3
+SHARD_DRAW, SAMPLE_AUGMENT, BATCH_MASKS, BATCH_PHOTOMETRIC, BATCH_MODEL = 0, 1, 2, 3, 4
 
 
 def derived_seed(*key: int) -> int:

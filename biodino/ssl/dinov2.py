@@ -10,7 +10,7 @@ from biodino.models import VisionTransformer, build_backbone
 from biodino.ssl.heads import DINOHead
 from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, masked_token_weights, sinkhorn_knopp
 from biodino.ssl.module import SSLModule
-from biodino.ssl.network import SSLNetwork
+from biodino.ssl.network import SSLNetwork, freeze_unused
 from biodino.train.config import HeadConfig, TrainConfig
 
 CENTERINGS = ("softmax", "sinkhorn_knopp")
@@ -62,7 +62,7 @@ class DINOv2Module(SSLModule):
         backbone = student_backbone(self.cfg)
         dim = backbone.embed_dim
         ibot_head = _head(dim, o.ibot.head) if o.ibot.separate_head else None
-        return SSLNetwork(backbone, _head(dim, o.dino.head), ibot_head)
+        return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head), ibot_head), o.ibot.weight > 0)
 
     def targets(self, logits: torch.Tensor, kind: str, temp: float) -> list[torch.Tensor]:
         """Teacher targets per level (DINOv2 has one) for the ``dino`` or ``ibot`` head's logits."""
@@ -77,13 +77,13 @@ class DINOv2Module(SSLModule):
         temp = self.schedules.teacher_temp(self.global_step)
         use_ibot = o.ibot.weight > 0
         with torch.no_grad():
-            t_out = self.teacher.backbone.forward_features(g)
+            t_out = self.teacher(g)
             t_dino = self.targets(self.teacher.dino_head(t_out.cls), "dino", temp)
             if use_ibot:
                 t_ibot = self.targets(self.teacher.patch_head(t_out.patches[masks]), "ibot", temp)
 
-        s_g = self.student.backbone.forward_features(g, masks if use_ibot else None, self.student.mask_token)
-        s_l = self.student.backbone.forward_features(loc)
+        s_g = self.student(g, masks if use_ibot else None)
+        s_l = self.student(loc)
         levels = zip(_levels(self.student.dino_head(s_g.cls)), _levels(self.student.dino_head(s_l.cls)), t_dino)
         terms = {"dino": sum(dino_loss(sg, sl, t, o.student_temp, N_GLOBAL) for sg, sl, t in levels)}
         weights = {"dino": o.dino.weight}

@@ -8,7 +8,7 @@ import torch
 from biodino.ssl.dinov2 import DINOv2Module, check_objective, student_backbone
 from biodino.ssl.losses import SinkhornQueue, sinkhorn_knopp
 from biodino.ssl.matryoshka import MatryoshkaHead
-from biodino.ssl.network import SSLNetwork
+from biodino.ssl.network import SSLNetwork, freeze_unused
 from biodino.train.config import HeadConfig, TrainConfig
 
 
@@ -39,7 +39,7 @@ class FrancaModule(DINOv2Module):
         backbone = student_backbone(self.cfg)
         dim, levels = backbone.embed_dim, o.nesting_levels
         ibot_head = _head(dim, o.ibot.head, levels) if o.ibot.separate_head else None
-        return SSLNetwork(backbone, _head(dim, o.dino.head, levels), ibot_head)
+        return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head, levels), ibot_head), o.ibot.weight > 0)
 
     def targets(self, logits: list[torch.Tensor], kind: str, temp: float) -> list[torch.Tensor]:
         """Sinkhorn-Knopp per level; queued rows of earlier steps join the prototype sums once the queue is full."""

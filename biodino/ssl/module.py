@@ -10,12 +10,14 @@ import lightning as L
 import torch
 
 from biodino.data.photometric import Photometric
-from biodino.data.stream import BATCH_PHOTOMETRIC, derived_seed
-from biodino.ssl.ema import ema_update_
+from biodino.data.stream import BATCH_MODEL, BATCH_PHOTOMETRIC, derived_seed
+from biodino.ssl.ema import ema_update_, local_shards
+from biodino.ssl.grad_norm import clip_grad_norm_
 from biodino.ssl.network import SSLNetwork
 from biodino.ssl.param_groups import param_groups
 from biodino.ssl.schedules import Schedules
 from biodino.train.config import TrainConfig
+from biodino.train.sharding import compile_blocks, is_sharded, shard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,6 +48,10 @@ class SSLModule(L.LightningModule):
         return self
 
     # -- data on the device ------------------------------------------------------------------------
+    def batch_index(self, batch: dict[str, Any]) -> int:
+        """The batch's position in this rank's stream (the data pipeline numbers them): keys every random draw."""
+        return int(batch.get("batch_index", torch.tensor(self.global_step)))
+
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """uint8 crops from the workers get their photometric augmentation here, batched on the device.
 
@@ -54,9 +60,8 @@ class SSLModule(L.LightningModule):
         if batch["global_crops"].dtype != torch.uint8:
             return batch  # already augmented and normalized by the caller
         if self.trainer is not None and self.trainer.training:
-            index = int(batch.get("batch_index", torch.tensor(self.global_step)))
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(derived_seed(self.cfg.seed, self.global_rank, BATCH_PHOTOMETRIC, index))
+            gen.manual_seed(derived_seed(self.cfg.seed, self.global_rank, BATCH_PHOTOMETRIC, self.batch_index(batch)))
             batch["global_crops"], batch["local_crops"] = self.photometric(
                 batch["global_crops"], batch["local_crops"], gen)
         else:
@@ -64,10 +69,25 @@ class SSLModule(L.LightningModule):
             batch["local_crops"] = self.photometric.normalize(batch["local_crops"])
         return batch
 
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """Seed torch's global generators (stochastic depth draws from them) by (seed, rank, batch index): a resumed
+        run, on any world size, draws what an uninterrupted one would, with no generator state in checkpoints."""
+        torch.manual_seed(derived_seed(self.cfg.seed, self.global_rank, BATCH_MODEL, self.batch_index(batch)))
+
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         if "corrupt" in batch:
             self.log("data/corrupt_samples", batch["corrupt"].float(), on_step=False, on_epoch=True,
                      reduce_fx="sum")
+
+    def configure_model(self) -> None:
+        """Per-block ``torch.compile`` if asked; FSDP2 sharding when the strategy provides a device mesh."""
+        if is_sharded(self.student):
+            return
+        if self.cfg.trainer.compile:
+            compile_blocks((self.student, self.teacher))
+        if self.device_mesh is not None:
+            shard(self.student, self.teacher, self.device_mesh["data_parallel"], self.cfg.trainer.fsdp,
+                  self.device.type)
 
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -89,9 +109,8 @@ class SSLModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: Any = None) -> None:
         """Clip the student's global gradient norm to ``optim.clip_grad`` and log the norm before clipping."""
-        params = [p for p in self.student.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.clip_grad if self.cfg.optim.clip_grad is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = clip_grad_norm_(self.student.parameters(), max_norm)
         self.log("grad_norm", norm, on_step=True, on_epoch=False)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -99,22 +118,8 @@ class SSLModule(L.LightningModule):
         step = self.global_step
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         momentum = self.schedules.momentum(step)
-        ema_update_(list(self.teacher.parameters()), list(self.student.parameters()), momentum)
+        ema_update_(local_shards(self.teacher.parameters()), local_shards(self.student.parameters()), momentum)
         self.log("momentum", momentum, on_step=True, on_epoch=False)
-
-    # -- checkpoints -----------------------------------------------------------------------------------
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """RNG states (stochastic depth draws from torch's global generator) for an exact resume."""
-        checkpoint["rng"] = {"torch": torch.get_rng_state(),
-                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        rng = checkpoint.get("rng")
-        if rng is None:
-            return
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(rng["cuda"])
 
     # -- loss bookkeeping ----------------------------------------------------------------------------
     def total_loss(self, terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

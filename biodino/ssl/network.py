@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from biodino.models import VisionTransformer
+from biodino.models import BackboneOutput, VisionTransformer
 
 
 class SSLNetwork(nn.Module):
@@ -20,6 +20,21 @@ class SSLNetwork(nn.Module):
         self.ibot_head = ibot_head
         self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
 
+    def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> BackboneOutput:
+        """Backbone features, masked patches replaced by the mask token. Calling the network (not its backbone)
+        is what lets FSDP gather the root's parameters, the mask token among them."""
+        return self.backbone.forward_features(x, masks, self.mask_token)
+
     @property
     def patch_head(self) -> nn.Module:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
+
+
+def freeze_unused(network: SSLNetwork, ibot: bool) -> SSLNetwork:
+    """Without iBOT the mask token and a separate iBOT head get no gradient: freeze them, so DDP does not wait
+    for their gradients and the optimizer skips them (they stay in checkpoints, as in birder's layout)."""
+    if not ibot:
+        network.mask_token.requires_grad_(False)
+        if network.ibot_head is not None:
+            network.ibot_head.requires_grad_(False)
+    return network

@@ -4,6 +4,7 @@ each file written atomically in place."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,9 +31,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def remove_partial(checkpoints: Path) -> None:
-    """Temporary files of saves that were interrupted."""
+    """Temporary files and directories (sharded saves) of saves that were interrupted."""
     for tmp in checkpoints.glob(".*.tmp"):
-        tmp.unlink()
+        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
 class StepAndEpochCheckpoint(ModelCheckpoint):

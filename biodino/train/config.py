@@ -132,12 +132,23 @@ class ScheduleConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """``trainer.strategy: fsdp``: FSDP2 over all ranks, one unit per transformer block and per head."""
+
+    param_dtype: Optional[str] = None  # compute dtype of gathered parameters; None: bfloat16 on GPU, float32 on CPU
+    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
+    reshard_after_forward: bool = True  # False keeps gathered blocks until backward: faster, more memory
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
     precision: Optional[str] = None  # None: bf16-mixed on GPU, 32-true on CPU
-    strategy: str = "auto"
+    strategy: str = "auto"  # auto | ddp | fsdp
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    compile: bool = False  # torch.compile each transformer block (student and teacher)
     log_every_n_steps: int = 10
 
 

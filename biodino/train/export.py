@@ -20,7 +20,7 @@ from safetensors.torch import load_file, safe_open
 import biodino
 from biodino.models import VisionTransformer, ViTConfig
 from biodino.ssl.dinov2 import student_backbone
-from biodino.train import full_weights
+from biodino.train import dcp, full_weights
 from biodino.train.config import TrainConfig
 from biodino.train.recipe import config_from_dict
 from biodino.train.run_dir import RunDir
@@ -40,8 +40,9 @@ class TrainingState:
 
 
 def load_training_state(source: Path) -> TrainingState:
-    """From a run directory (its newest checkpoint), a Lightning ``.ckpt`` or a full-weights file."""
-    if source.is_dir():
+    """From a run directory (its newest checkpoint), a Lightning ``.ckpt`` file, a sharded checkpoint directory
+    (any world size; consolidated here) or a full-weights file."""
+    if source.is_dir() and not dcp.is_dcp(source):
         newest = RunDir(source).newest_checkpoint()
         if newest is None:
             raise CheckpointError(f"no checkpoint in {source / 'checkpoints'}")
@@ -51,10 +52,14 @@ def load_training_state(source: Path) -> TrainingState:
         weights = full_weights.module_keys(tensors)
         return TrainingState(weights, config_from_dict(json.loads(meta["config"]), str(source)), int(meta["step"]),
                              source)
-    ckpt = load_torch(source)
+    if dcp.is_dcp(source):
+        weights, ckpt = dcp.read_model_state(source)
+    else:
+        ckpt = load_torch(source)
+        weights = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     try:
         cfg = config_from_dict(dict(ckpt["hyper_parameters"]["config"]), str(source))
-        return TrainingState(dict(ckpt["state_dict"]), cfg, int(ckpt["global_step"]), source)
+        return TrainingState(dict(weights), cfg, int(ckpt["global_step"]), source)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{source} is not a biodino training checkpoint ({type(err).__name__}: {err})") from None
 

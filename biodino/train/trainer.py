@@ -22,6 +22,8 @@ from biodino.train.config import TrainConfig
 from biodino.train.history import History
 from biodino.train.recipe import to_yaml
 from biodino.train.run_dir import RunDir
+from biodino.train.sharding import mixed_precision
+from biodino.train.strategy import build_strategy
 from biodino.train.throughput import Throughput
 
 OBJECTIVES: dict[str, type[SSLModule]] = {"dinov2": DINOv2Module, "franca": FrancaModule}
@@ -37,6 +39,9 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"objective.name must be one of {sorted(OBJECTIVES)}, got {cfg.objective.name!r}")
     CHECKS[cfg.objective.name](cfg)
     wandb_mode(cfg)
+    build_strategy(cfg.trainer.strategy)
+    if cfg.trainer.strategy == "fsdp":
+        mixed_precision(cfg.trainer.fsdp, "cpu")
 
 
 def build_module(cfg: TrainConfig) -> SSLModule:
@@ -82,7 +87,7 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
                  History(run.history, run.plots if cfg.logging.plots else None),
                  Throughput(s.batch_size)]
     return L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
-                     num_nodes=cfg.trainer.num_nodes, strategy=cfg.trainer.strategy, precision=precision(cfg),
+                     num_nodes=cfg.trainer.num_nodes, strategy=build_strategy(cfg.trainer.strategy), precision=precision(cfg),
                      max_steps=s.total_steps, max_epochs=s.epochs, limit_train_batches=s.steps_per_epoch
                      * s.accumulate_grad_batches, accumulate_grad_batches=s.accumulate_grad_batches,
                      callbacks=callbacks, logger=loggers(cfg, run), log_every_n_steps=cfg.trainer.log_every_n_steps,

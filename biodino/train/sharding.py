@@ -1,0 +1,49 @@
+"""FSDP2 applied to student and teacher as one function: every transformer block is a unit, each head is a
+unit, then each network's root. Both networks are sharded alike, so the EMA runs on local shards."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from biodino.ssl.network import SSLNetwork
+from biodino.train.config import FSDPConfig
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def mixed_precision(cfg: FSDPConfig, device_type: str) -> MixedPrecisionPolicy:
+    """Gathered parameters in ``param_dtype`` (bf16 on GPU by default), gradients reduced in ``reduce_dtype``."""
+    param = cfg.param_dtype or ("bfloat16" if device_type == "cuda" else "float32")
+    for key, name in (("param_dtype", param), ("reduce_dtype", cfg.reduce_dtype)):
+        if name not in DTYPES:
+            raise ValueError(f"trainer.fsdp.{key} must be one of {sorted(DTYPES)}, got {name!r}")
+    return MixedPrecisionPolicy(param_dtype=DTYPES[param], reduce_dtype=DTYPES[cfg.reduce_dtype])
+
+
+def shard_network(net: SSLNetwork, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:
+    """Blocks, heads, then the root (embeddings, final norm, mask token): the order FSDP2 wants, inner first."""
+    units = [*net.backbone.encoder.block, net.dino_head] + ([net.ibot_head] if net.ibot_head is not None else [])
+    for unit in [*units, net]:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+
+
+def shard(student: SSLNetwork, teacher: SSLNetwork, mesh: DeviceMesh, cfg: FSDPConfig, device_type: str) -> None:
+    """The teacher has no backward pass, so its gathered blocks are always freed right after their forward."""
+    policy = mixed_precision(cfg, device_type)
+    shard_network(student, mesh, policy, cfg.reshard_after_forward)
+    shard_network(teacher, mesh, policy, True)
+
+
+def is_sharded(net: SSLNetwork) -> bool:
+    return isinstance(net, FSDPModule)
+
+
+def compile_blocks(networks: Iterable[SSLNetwork]) -> None:
+    """``torch.compile`` each transformer block in place (before sharding, as FSDP2 expects)."""
+    for net in networks:
+        for block in net.backbone.encoder.block:
+            block.compile()
