@@ -46,7 +46,11 @@ class StepAndEpochCheckpoint(ModelCheckpoint):
                          save_last="link", enable_version_counter=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Lightning allows steps or epochs, not both: add the epoch-end save (skipped if this step is saved)."""
+        """Lightning allows steps or epochs, not both: add the epoch-end save."""
+        self.save_now(trainer)
+
+    def save_now(self, trainer: L.Trainer) -> None:
+        """Save this step's checkpoint (kept and linked like the others) unless it is already saved."""
         if not self._should_skip_saving_checkpoint(trainer):
             candidates = self._monitor_candidates(trainer)
             self._save_topk_checkpoint(trainer, candidates)

@@ -160,6 +160,42 @@ def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_embed)
 
 
+def _cmd_slurm(args: argparse.Namespace) -> int:
+    from biodino.train.recipe import ConfigError
+    from biodino.train.slurm import Allocation, render, submit
+
+    try:
+        alloc = Allocation(args.nodes, args.gpus_per_node, args.cpus_per_task, args.partition, args.time,
+                           args.account, tuple(args.sbatch_option))
+        script = render(args.recipe, alloc, args.overrides)
+    except (ConfigError, ValueError) as err:
+        raise UsageError(str(err)) from None
+    if not args.submit:
+        print(script, end="")
+        return 0
+    try:
+        print(submit(script))
+    except (OSError, RuntimeError) as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
+def _add_slurm(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="render an sbatch script for a recipe (printed), or submit it with --submit")
+    p.add_argument("recipe", help="a recipe YAML file or a name under configs/")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True, help="one task per GPU; 0: one CPU task per node")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="default: data.num_workers + 2")
+    p.add_argument("--partition", default=None)
+    p.add_argument("--time", default=None, help="time limit, e.g. 48:00:00")
+    p.add_argument("--account", default=None)
+    p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
+                   help="a further #SBATCH option, e.g. --qos=high (repeatable)")
+    p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
+    p.add_argument("overrides", nargs="*", help="key=value overrides passed to biodino train")
+    p.set_defaults(func=_cmd_slurm)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from biodino.train.demo import describe, run_demo
 
@@ -188,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
     _add_pack(sub)
     _add_train_export_embed(sub)
+    _add_slurm(sub)
     p = sub.add_parser("demo", help="generate labelled images, train a tiny DINOv2 on CPU, report k-NN vs random init")
     p.add_argument("--data", default=None, help="your own images instead: a folder with one sub-folder per class")
     p.add_argument("--out", default="demo", help="working folder (images, shards, runs, export)")
@@ -200,7 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra  # key=value overrides written after options
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
