@@ -49,8 +49,9 @@ def one_rank(tmp_path_factory) -> list[list[dict[str, float]]]:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> tuple[Path, list[list[dict[str, float]]]]:
+    """Also with activation checkpointing per block: recomputation must not change the numbers."""
     out = tmp_path_factory.mktemp("fsdp2")
-    return out, equivalence_run(out, 2, "fsdp")
+    return out, equivalence_run(out, 2, "fsdp", "model.grad_checkpointing=true")
 
 
 def test_two_sharded_ranks_reproduce_one_rank_losses_on_the_same_global_batch(one_rank, two_ranks) -> None:
@@ -142,3 +143,18 @@ def test_clip_grad_norm_uses_the_norm_over_all_gradients() -> None:
     norm = clip_grad_norm_([a, b, torch.zeros(1, requires_grad=True)], max_norm=1.0)
     assert norm.item() == pytest.approx(5.0)
     assert torch.allclose(torch.cat([a.grad, b.grad]), torch.tensor([0.6, 0, 0, 0, 0.8]), atol=1e-6)
+
+
+def test_compiled_blocks_compute_what_eager_blocks_compute() -> None:
+    from biodino.train.recipe import load_config
+    from biodino.train.sharding import compile_blocks
+    from biodino.train.trainer import build_module
+
+    student = build_module(load_config("tiny", [])).student
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        eager = student(x)
+        compile_blocks([student])
+        compiled = student(x)
+    assert all(b._compiled_call_impl is not None for b in student.backbone.encoder.block)
+    assert torch.allclose(compiled.cls, eager.cls, atol=1e-4) and torch.allclose(compiled.patches, eager.patches, atol=1e-4)
