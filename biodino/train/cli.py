@@ -143,7 +143,7 @@ def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="export the teacher (or student) backbone, or the full training weights")
-    p.add_argument("source", help="a run directory, a .ckpt checkpoint or a full-weights .safetensors")
+    p.add_argument("source", help="a run directory, a checkpoint (.ckpt file or sharded directory) or a full-weights .safetensors")
     p.add_argument("--student", action="store_true", help="export the student backbone instead of the teacher")
     p.add_argument("--resolution", type=int, default=None, help="resize the position embedding to this size")
     p.add_argument("--full", action="store_true", help="export full training weights (student, teacher, heads, centers)")
