@@ -13,7 +13,8 @@ import pytest
 
 from biodino.train.history import read_history
 from biodino.train.run_dir import RunDir
-from biodino.train.slurm import Allocation, render
+from biodino.train.recipe import load_config
+from biodino.train.slurm import Allocation, recipe_args, render
 from tests.slurm_cluster import LocalSlurm, cannot_run_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +27,8 @@ def directives(script: str) -> dict[str, str]:
 
 
 def test_the_rendered_script_for_4_nodes_of_8_gpus(tmp_path) -> None:
-    script = render("tiny", Allocation(nodes=4, gpus_per_node=8, partition="gpu", time="48:00:00", account="bio"),
-                    ["schedule.batch_size=32"], workdir=tmp_path)
+    alloc = Allocation(nodes=4, gpus_per_node=8, partition="gpu", time="48:00:00", account="bio")
+    script = render(load_config("tiny"), recipe_args("tiny", ["schedule.batch_size=32"]), alloc, workdir=tmp_path)
     assert directives(script) == {
         "job-name": "biodino-tiny", "nodes": "4", "ntasks-per-node": "8", "gpus-per-node": "8",
         "cpus-per-task": "3", "signal": "USR1@120", "requeue": "", "open-mode": "append", "output": "%x-%j.out",
@@ -115,3 +116,21 @@ def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster
     for step in range(12):
         for key in ("loss/total", "loss/dino", "loss/ibot", "loss/koleo"):
             assert resumed[step][key] == expected[step][key], (step, key)
+
+
+def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, shards, tmp_path) -> None:
+    """Two stages of the tiny Bio-DINO schedule as a chain: the second job starts only once the first completed."""
+    tiny = ROOT / "configs" / "bio_dino_tiny"
+    schedule = tmp_path / "two_stages.yaml"
+    schedule.write_text(f"name: chain\nstages:\n  - {{name: a, recipe: {tiny / 'stage1.yaml'}}}\n"
+                        f"  - {{name: b, recipe: {tiny / 'stage2.yaml'}}}\n")
+    cmd = [sys.executable, "-m", "biodino", "slurm", str(schedule), "--nodes", "1", "--gpus-per-node", "0",
+           "--cpus-per-task", "1", "--submit", f"data.shards={shards}", f"runs_dir={tmp_path / 'runs'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=cluster.env)
+    assert proc.returncode == 0, proc.stderr
+    (first, first_name), (second, second_name) = (line.split() for line in proc.stdout.splitlines())
+    assert (first_name, second_name) == ("chain-a", "chain-b")
+    assert cluster.job(second)["Dependency"] == f"afterok:{first}(unfulfilled)"
+    done = [cluster.wait(job) for job in (first, second)]
+    assert done[1]["StartTime"] >= done[0]["EndTime"]  # ISO timestamps order as strings
+    assert (tmp_path / "runs" / "chain-b" / "final.safetensors").is_file()

@@ -6,7 +6,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    from biodino.train.config import TrainConfig
 
 
 USAGE_ERROR = 2
@@ -76,24 +79,47 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from biodino.data.shard_index import ShardIndexError, resolve_shards
+    from biodino.data.shard_index import ShardIndexError
     from biodino.train.recipe import ConfigError, load_config
+    from biodino.train.stages import is_schedule, load_schedule, run_schedule
 
     try:
-        cfg = load_config(args.recipe, args.overrides)
-        from biodino.train.trainer import train, validate  # Lightning and the model: only past the YAML checks
-
-        validate(cfg)
-        if not cfg.data.shards:
-            raise ConfigError("data.shards: missing required value (a shard index or glob)")
-        resolve_shards(cfg.data.shards)
-        if cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
-            raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
+        if is_schedule(args.recipe):
+            stages = load_schedule(args.recipe, args.overrides)
+            for i, stage in enumerate(stages):  # later stages start from weights their predecessor writes
+                _check_runnable(stage.cfg, check_init=i == 0)
+        else:
+            if args.stage:
+                raise ConfigError(f"--stage needs a schedule file; {args.recipe} is a recipe")
+            stages, cfg = None, load_config(args.recipe, args.overrides)
+            _check_runnable(cfg)
     except (ConfigError, ShardIndexError, ValueError) as err:
         raise UsageError(str(err)) from None
-    run = train(cfg)
-    print(f"run directory: {run.root}")
+    if stages is not None:
+        try:
+            for path in run_schedule(stages, args.stage):
+                print(f"stage weights: {path}")
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
+        return 0
+    from biodino.train.trainer import train
+
+    print(f"run directory: {train(cfg).root}")
     return 0
+
+
+def _check_runnable(cfg: "TrainConfig", check_init: bool = True) -> None:
+    """Everything ``train`` would trip on, raised before anything is written."""
+    from biodino.data.shard_index import resolve_shards
+    from biodino.train.recipe import ConfigError
+    from biodino.train.trainer import validate  # Lightning and the model: only past the YAML checks
+
+    validate(cfg)
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: missing required value (a shard index or glob)")
+    resolve_shards(cfg.data.shards)
+    if check_init and cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
+        raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -101,14 +127,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from biodino.train.safe_load import CheckpointError
 
     try:
-        state = load_training_state(Path(args.source))
+        state = load_training_state(Path(args.source), args.preset)
+        out = Path(args.out)
+        if args.full:
+            stem = f"{state.cfg.model.preset}_{args.tag or state.cfg.name}_{state.step}"
+            name = f"dino_v2_{stem}.pt" if args.format == "birder" else f"{stem}_full.safetensors"
+            path = export_full(state, out / name, args.format)
+        else:
+            path = export_backbone(state, out, "student" if args.student else "teacher", args.resolution, args.tag,
+                                   args.format)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
-    out = Path(args.out)
-    if args.full:
-        path = export_full(state, out / f"{state.cfg.model.preset}_{args.tag or state.cfg.name}_{state.step}_full.safetensors")
-    else:
-        path = export_backbone(state, out, "student" if args.student else "teacher", args.resolution, args.tag)
     print(path)
     return 0
 
@@ -140,15 +169,21 @@ def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train from a recipe; run again on the same run directory to resume")
     p.add_argument("recipe", help="a recipe YAML file or a name under configs/ (e.g. demo)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.batch_size=32")
+    p.add_argument("--stage", default=None, help="with a schedule: run only this stage (its predecessor must be done)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("export", help="export the teacher (or student) backbone, or the full training weights")
-    p.add_argument("source", help="a run directory, a checkpoint (.ckpt file or sharded directory) or a full-weights .safetensors")
+    p.add_argument("source", help="a run directory, a checkpoint (.ckpt file or sharded directory), a full-weights "
+                   ".safetensors, or a birder .pt (full DINOv2 training weights or a backbone release)")
     p.add_argument("--student", action="store_true", help="export the student backbone instead of the teacher")
     p.add_argument("--resolution", type=int, default=None, help="resize the position embedding to this size")
     p.add_argument("--full", action="store_true", help="export full training weights (student, teacher, heads, centers)")
     p.add_argument("--tag", default=None, help="name part of the file (default: the run name)")
     p.add_argument("--out", default=".", help="output folder")
+    p.add_argument("--format", choices=["biodino", "birder"], default="biodino",
+                   help="biodino: safetensors (+ JSON sidecar); birder: torch.save .pt in birder's layout")
+    p.add_argument("--preset", default=None,
+                   help="a birder source's backbone preset (default: the one preset matching its tensor shapes)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("embed", help="embed images with an exported backbone")
@@ -161,20 +196,32 @@ def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
-    from biodino.train.recipe import ConfigError
-    from biodino.train.slurm import Allocation, render, submit
+    from biodino.train.recipe import ConfigError, load_config
+    from biodino.train.slurm import Allocation, recipe_args, render, submit_chain, world_overrides
+    from biodino.train.stages import is_schedule, load_schedule
 
     try:
         alloc = Allocation(args.nodes, args.gpus_per_node, args.cpus_per_task, args.partition, args.time,
                            args.account, tuple(args.sbatch_option))
-        script = render(args.recipe, alloc, args.overrides)
+        world = world_overrides(alloc)
+        if is_schedule(args.recipe):  # one job per stage, each after the previous one succeeded
+            load_schedule(args.recipe, [*args.overrides, *world])  # validates every stage as it will run
+            jobs = [(st.cfg, list(st.train_args)) for st in load_schedule(args.recipe, args.overrides)]
+        else:
+            jobs = [(load_config(args.recipe, [*args.overrides, *world]), recipe_args(args.recipe, args.overrides))]
     except (ConfigError, ValueError) as err:
         raise UsageError(str(err)) from None
+    scripts = [render(cfg, train_args, alloc) for cfg, train_args in jobs]
     if not args.submit:
-        print(script, end="")
+        for i, script in enumerate(scripts):
+            if len(scripts) > 1:
+                after = f", submitted with --dependency=afterok:<job of {jobs[i - 1][0].name}>" if i else ""
+                print(f"### job {i + 1} of {len(scripts)}: {jobs[i][0].name}{after}")
+            print(script, end="")
         return 0
     try:
-        print(submit(script))
+        for (cfg, _), job in zip(jobs, submit_chain(scripts)):
+            print(f"{job} {cfg.name}" if len(jobs) > 1 else job)
     except (OSError, RuntimeError) as err:
         raise UsageError(str(err)) from None
     return 0

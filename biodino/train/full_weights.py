@@ -65,22 +65,42 @@ def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def load_into(module: torch.nn.Module, path: Path) -> dict[str, Any]:
-    """Weights only, into a freshly built module; position embeddings resized to the module's grid."""
+def read_module_weights(path: Path, preset: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Module-state tensors and metadata of a full-weights file: ours (``.safetensors``, checked to hold
+    ``preset``) or birder's (any other name: ``dino_v2_<net>_<tag>_<epoch>.pt``, shapes checked on loading)."""
+    if path.suffix != ".safetensors":
+        from biodino.train import birder_format  # imports this module
+
+        return birder_format.read_full_weights(path), {"format": "birder", "preset": preset}
     tensors, metadata = read(path)
-    preset = getattr(module, "cfg").model.preset
     if metadata.get("preset") != preset:
         raise CheckpointError(f"{path} holds preset {metadata.get('preset')!r}, the recipe builds {preset!r}")
-    state = module_keys(tensors)
-    for net in ("student", "teacher"):
-        backbone = getattr(module, net).backbone
-        key = f"{net}.backbone.pos_embedding"
-        old_grid = int(round((state[key].shape[1] - backbone.num_prefix_tokens) ** 0.5))
-        state[key] = resize_pos_embed(state[key], backbone.num_prefix_tokens, (old_grid,) * 2, backbone.grid,
-                                      antialias=True)
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    return module_keys(tensors), metadata
+
+
+def load_into(module: torch.nn.Module, path: Path) -> dict[str, Any]:
+    """Weights only, into a freshly built module; position embeddings resized to the module's grid.
+    Every student/teacher tensor and center must be in the file, and nothing else."""
+    state, metadata = read_module_weights(path, getattr(module, "cfg").model.preset)
+    try:
+        for net in ("student", "teacher"):
+            backbone = getattr(module, net).backbone
+            key = f"{net}.backbone.pos_embedding"
+            if key in state:
+                old_grid = int(round((state[key].shape[1] - backbone.num_prefix_tokens) ** 0.5))
+                state[key] = resize_pos_embed(state[key], backbone.num_prefix_tokens, (old_grid,) * 2,
+                                              backbone.grid, antialias=True)
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path} does not fit the recipe's model: {err}") from None
     missing = [k for k in missing if k.startswith(("student.", "teacher.")) or k in CENTERS]
     if missing or unexpected:
-        raise CheckpointError(f"{path} does not fit the recipe's model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{path} does not fit the recipe's model: missing {listed(missing)}; "
+                              f"unexpected {listed(unexpected)}")
     return metadata
+
+
+def listed(keys: list[str], limit: int = 8) -> str:
+    """Keys for an error message: the first ``limit``, and how many there are in all."""
+    shown = ", ".join(keys[:limit]) or "none"
+    return f"{shown} ... ({len(keys)} in all)" if len(keys) > limit else shown

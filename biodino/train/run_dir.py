@@ -47,6 +47,11 @@ class RunDir:
                  if (m := CHECKPOINT_PATTERN.match(p.name))]
         return max(found)[1] if found else None
 
+    def newest_step(self) -> int:
+        """The step of the newest checkpoint (-1 without one)."""
+        newest = self.newest_checkpoint()
+        return int(CHECKPOINT_PATTERN.match(newest.name).group(1)) if newest else -1
+
     def wandb_id(self) -> str:
         """The run's wandb id, created once and kept, so a resumed run continues the same wandb run."""
         path = self.root / "wandb_id"

@@ -10,7 +10,8 @@ from pathlib import Path
 from string import Template
 from typing import Optional, Sequence
 
-from biodino.train.recipe import CONFIGS_DIR, load_config
+from biodino.train.config import TrainConfig
+from biodino.train.recipe import CONFIGS_DIR
 
 TEMPLATE = CONFIGS_DIR.parent / "slurm" / "train.sbatch.template"
 
@@ -38,43 +39,48 @@ class Allocation:
         return max(self.gpus_per_node, 1)
 
 
-def _resolved_recipe(recipe: str) -> str:
-    """An absolute path when the recipe is a file, so the job finds it from any working directory."""
+def world_overrides(alloc: Allocation) -> list[str]:
+    """The allocation's world size as ``biodino train`` overrides (appended last, so they win)."""
+    out = [f"trainer.num_nodes={alloc.nodes}", f"trainer.devices={alloc.tasks_per_node}"]
+    return out + (["trainer.accelerator=cpu"] if alloc.gpus_per_node == 0 else [])
+
+
+def recipe_args(recipe: str, overrides: Sequence[str]) -> list[str]:
+    """``biodino train`` arguments; a recipe file becomes an absolute path, found from any working directory."""
     path = Path(recipe)
-    return str(path.resolve()) if path.is_file() else recipe
+    return [str(path.resolve()) if path.is_file() else recipe, *overrides]
 
 
-def train_command(recipe: str, alloc: Allocation, overrides: Sequence[str], python: str = sys.executable) -> str:
-    """``python -m biodino train`` with the allocation's world size appended to the user's overrides."""
-    world = [f"trainer.num_nodes={alloc.nodes}", f"trainer.devices={alloc.tasks_per_node}"]
-    if alloc.gpus_per_node == 0:
-        world.append("trainer.accelerator=cpu")
-    args = [python, "-m", "biodino", "train", _resolved_recipe(recipe), *overrides, *world]
-    return " ".join(shlex.quote(a) for a in args)
-
-
-def render(recipe: str, alloc: Allocation, overrides: Sequence[str] = (), workdir: Optional[Path] = None) -> str:
-    """The sbatch script. The recipe and overrides are validated first (a bad key fails here, not in the queue)."""
-    cfg = load_config(recipe, [*overrides, f"trainer.num_nodes={alloc.nodes}",
-                               f"trainer.devices={alloc.tasks_per_node}"])
-    resources = ""
-    if alloc.gpus_per_node:
-        resources += f"#SBATCH --gpus-per-node={alloc.gpus_per_node}\n"
+def render(cfg: TrainConfig, train_args: Sequence[str], alloc: Allocation, workdir: Optional[Path] = None,
+           python: str = sys.executable) -> str:
+    """The sbatch script running ``python -m biodino train TRAIN_ARGS`` on the allocation. ``cfg`` (already
+    validated by the caller) names the job and sizes the CPUs per task."""
+    resources = f"#SBATCH --gpus-per-node={alloc.gpus_per_node}\n" if alloc.gpus_per_node else ""
     cpus = alloc.cpus_per_task or cfg.data.num_workers + 2
     resources += f"#SBATCH --cpus-per-task={cpus}\n"
     optional = [f"#SBATCH --{key}={value}" for key, value in
                 (("partition", alloc.partition), ("time", alloc.time), ("account", alloc.account)) if value]
     optional += [f"#SBATCH {option}" for option in alloc.extra]
+    command = [python, "-m", "biodino", "train", *train_args, *world_overrides(alloc)]
     return Template(TEMPLATE.read_text()).substitute(
         job_name=f"biodino-{cfg.name}", nodes=alloc.nodes, tasks_per_node=alloc.tasks_per_node,
         resources=resources, output="%x-%j.out", workdir=str((workdir or Path.cwd()).resolve()),
         optional="\n".join(optional), threads=max(cpus - cfg.data.num_workers, 1),
-        command=train_command(recipe, alloc, overrides))
+        command=" ".join(shlex.quote(a) for a in command))
 
 
-def submit(script: str, sbatch: str = "sbatch", extra_args: Sequence[str] = ()) -> str:
-    """``sbatch --parsable`` with the script on stdin; returns the job id."""
-    proc = subprocess.run([sbatch, "--parsable", *extra_args], input=script, capture_output=True, text=True)
+def submit(script: str, after: Optional[str] = None, sbatch: str = "sbatch") -> str:
+    """``sbatch --parsable`` with the script on stdin, after job ``after`` succeeded if given; returns the job id."""
+    cmd = [sbatch, "--parsable"] + ([f"--dependency=afterok:{after}"] if after else [])
+    proc = subprocess.run(cmd, input=script, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout.strip().split(";")[0]
+
+
+def submit_chain(scripts: Sequence[str], sbatch: str = "sbatch") -> list[str]:
+    """One job per script, each starting only after the previous one completed successfully."""
+    ids: list[str] = []
+    for script in scripts:
+        ids.append(submit(script, ids[-1] if ids else None, sbatch))
+    return ids
