@@ -62,17 +62,6 @@ def cluster(tmp_path_factory):
     slurm.stop()
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from biodino.data.pack import PackOptions, pack
-    from tests.images import save_photo
-
-    root = tmp_path_factory.mktemp("slurm_shards")
-    for i in range(24):
-        save_photo(root / "img" / f"{i:03d}.jpg", seed=4000 + i, width=64, height=48)
-    pack([str(root / "img")], PackOptions(out=root / "shards", prefix="s", max_count=6, min_side=16))
-    return root / "shards" / "s.json"
-
 
 def submit(cluster: LocalSlurm, workdir: Path, shards: Path, name: str) -> str:
     """`biodino slurm --submit` for 2 nodes x 1 CPU task, FSDP2 over gloo, 12 steps."""
@@ -85,9 +74,9 @@ def submit(cluster: LocalSlurm, workdir: Path, shards: Path, name: str) -> str:
     return proc.stdout.strip()
 
 
-def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster, shards, tmp_path) -> None:
-    plain = submit(cluster, tmp_path, shards, "plain")
-    preempted = submit(cluster, tmp_path, shards, "preempted")
+def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster, tiny_shards, tmp_path) -> None:
+    plain = submit(cluster, tmp_path, tiny_shards, "plain")
+    preempted = submit(cluster, tmp_path, tiny_shards, "preempted")
     run = RunDir(tmp_path / "runs" / "preempted")
     deadline = time.time() + 300
     while len(read_history(run.history)) < 3:
@@ -118,14 +107,14 @@ def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster
             assert resumed[step][key] == expected[step][key], (step, key)
 
 
-def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, shards, tmp_path) -> None:
+def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, tiny_shards, tmp_path) -> None:
     """Two stages of the tiny Bio-DINO schedule as a chain: the second job starts only once the first completed."""
     tiny = ROOT / "configs" / "bio_dino_tiny"
     schedule = tmp_path / "two_stages.yaml"
     schedule.write_text(f"name: chain\nstages:\n  - {{name: a, recipe: {tiny / 'stage1.yaml'}}}\n"
                         f"  - {{name: b, recipe: {tiny / 'stage2.yaml'}}}\n")
     cmd = [sys.executable, "-m", "biodino", "slurm", str(schedule), "--nodes", "1", "--gpus-per-node", "0",
-           "--cpus-per-task", "1", "--submit", f"data.shards={shards}", f"runs_dir={tmp_path / 'runs'}"]
+           "--cpus-per-task", "1", "--submit", f"data.shards={tiny_shards}", f"runs_dir={tmp_path / 'runs'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=cluster.env)
     assert proc.returncode == 0, proc.stderr
     (first, first_name), (second, second_name) = (line.split() for line in proc.stdout.splitlines())

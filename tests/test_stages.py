@@ -22,17 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "bio_dino_tiny" / "schedule.yaml"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from biodino.data.pack import PackOptions, pack
-    from tests.images import save_photo
-
-    root = tmp_path_factory.mktemp("stage_shards")
-    for i in range(24):
-        save_photo(root / "img" / f"{i:03d}.jpg", seed=5000 + i, width=64, height=48)
-    pack([str(root / "img")], PackOptions(out=root / "shards", prefix="s", max_count=6, min_side=16))
-    return root / "shards" / "s.json"
-
 
 def _start(shards: Path, runs: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "biodino", "train", str(TINY), f"data.shards={shards}", f"runs_dir={runs}"]
@@ -44,9 +33,9 @@ def _pos_tokens(weights: Path) -> int:
         return f.get_slice("teacher.backbone.pos_embedding").get_shape()[1]
 
 
-def test_the_tiny_schedule_runs_its_stages_and_a_killed_stage_resumes_without_redoing_the_first(shards, tmp_path):
+def test_the_tiny_schedule_runs_its_stages_and_a_killed_stage_resumes_without_redoing_the_first(tiny_shards, tmp_path):
     stages = {s.name: RunDir(tmp_path / f"bio_dino_tiny-{s.name}") for s in load_schedule(str(TINY))}
-    proc = _start(shards, tmp_path)
+    proc = _start(tiny_shards, tmp_path)
     deadline = time.time() + 400
     while len(read_history(stages["s2_40"].history)) < 4:  # past stage 2's checkpoint at step 3
         assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
@@ -58,7 +47,7 @@ def test_the_tiny_schedule_runs_its_stages_and_a_killed_stage_resumes_without_re
     first_files = {p: p.stat().st_mtime_ns for p in first.root.rglob("*") if p.is_file()}
     assert not (stages["s2_40"].root / "final.safetensors").exists()
 
-    proc = _start(shards, tmp_path)
+    proc = _start(tiny_shards, tmp_path)
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err.decode()[-3000:]
     # stage 1 was not redone: no file of its run changed, its history has each step once
@@ -75,9 +64,9 @@ def test_the_tiny_schedule_runs_its_stages_and_a_killed_stage_resumes_without_re
     assert load_config(str(stages["s3_48"].config)).init.full_weights == str(stages["s2_40"].root / "final.safetensors")
 
 
-def test_a_stage_whose_predecessor_has_not_run_is_refused_naming_it(shards, tmp_path) -> None:
+def test_a_stage_whose_predecessor_has_not_run_is_refused_naming_it(tiny_shards, tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "biodino", "train", str(TINY), "--stage", "s2_40",
-                           f"data.shards={shards}", f"runs_dir={tmp_path}"], capture_output=True, text=True)
+                           f"data.shards={tiny_shards}", f"runs_dir={tmp_path}"], capture_output=True, text=True)
     assert proc.returncode == 2 and "run stage 's1_32' first" in proc.stderr
 
 
