@@ -1,4 +1,5 @@
-"""Labelled shape/texture images: determinism, files on disk, nuisance variation, class separable by shape only."""
+"""Labelled shape/texture images: determinism, files on disk, nuisance variation, muted colours, textures that
+survive downsampling to the demo's training size, class separable by shape only."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from biodino.data.synthetic import SHAPE_CLASSES, shape_image, write_shapes
 
 N_PER_CLASS = 200
 DISC, RING = SHAPE_CLASSES.index("disc"), SHAPE_CLASSES.index("ring")
+TEXTURES = ("stripes", "checker", "dots", "waves")
+TRAIN_SIZE = 32  # configs/demo.yaml crops.global_size: the demo trains and evaluates at 32 x 32 pixels
 
 
 def pixels(label: int, seed: int, size: int = 64) -> np.ndarray:
@@ -27,6 +30,28 @@ def foreground(img: np.ndarray) -> np.ndarray:
     dist = np.pad(np.linalg.norm(img - design @ coef, axis=-1), 1, mode="edge")
     smooth = sum(dist[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9
     return smooth > 0.5 * np.percentile(smooth, 99)
+
+
+def downsampled(label: int, seed: int) -> np.ndarray:
+    """The 64-pixel image resized to TRAIN_SIZE (bicubic, antialiased: what training and evaluation see)."""
+    img = shape_image(label, seed).resize((TRAIN_SIZE, TRAIN_SIZE), Image.BICUBIC)
+    return np.asarray(img).astype(np.float32) / 255
+
+
+def inner_disc(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At TRAIN_SIZE: object and background colours at the object's centre, and the pixels within 0.75 radii of it.
+
+    A disc and a ring of the same seed share pose and colours, so the ring's hole shows the background where the
+    disc shows the object.
+    """
+    hole = np.abs(pixels(DISC, seed) - pixels(RING, seed)).sum(-1) > 0.1
+    cy, cx = (np.argwhere(hole).mean(0) + 0.5) * TRAIN_SIZE / 64 - 0.5
+    iy, ix = int(round(cy)), int(round(cx))
+    disc, ring = downsampled(DISC, seed), downsampled(RING, seed)
+    fg, bg = (x[iy - 1 : iy + 2, ix - 1 : ix + 2].reshape(-1, 3).mean(0) for x in (disc, ring))
+    radius = np.sqrt((np.linalg.norm(disc - fg, axis=-1) < np.linalg.norm(disc - bg, axis=-1)).sum() / np.pi)
+    ys, xs = np.mgrid[0:TRAIN_SIZE, 0:TRAIN_SIZE]
+    return fg, bg, (ys - cy) ** 2 + (xs - cx) ** 2 <= (0.75 * radius) ** 2
 
 
 def nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
@@ -132,6 +157,32 @@ def test_disc_and_ring_differ_only_in_the_hole(seed: int) -> None:
     assert foreground(disc).sum() > foreground(ring).sum() + 0.5 * area
     cy, cx = np.round(np.argwhere(hole).mean(0)).astype(int)
     assert foreground(disc)[cy, cx] and not foreground(ring)[cy, cx]
+
+
+def test_colours_are_muted_but_of_every_hue(dataset) -> None:
+    """HSV saturation of the object at most 0.35 (the demo clusters by colour with saturated random colours)."""
+    images, labels = dataset
+    saturation, dominant = [], []
+    for img in images[labels == DISC]:
+        fg = foreground(img)
+        inner = fg[1:-1, 1:-1] & fg[:-2, 1:-1] & fg[2:, 1:-1] & fg[1:-1, :-2] & fg[1:-1, 2:]  # away from edges
+        colour = img[1:-1, 1:-1][inner].mean(0)
+        if colour.max() > 0.25:  # darker colours: sensor noise and clipping blur the saturation
+            saturation.append((colour.max() - colour.min()) / colour.max())
+            dominant.append(colour.argmax())
+    assert len(saturation) > 100 and max(saturation) < 0.4
+    assert np.bincount(dominant, minlength=3).min() > 0.2 * len(dominant)  # red, green and blue hues all occur
+
+
+@pytest.mark.parametrize("texture", TEXTURES)
+def test_textures_survive_downsampling_to_the_training_size(texture: str) -> None:
+    """Near the centre a texture keeps pixels of nearly the pure object and background colours: not one flat mix."""
+    label = SHAPE_CLASSES.index(texture)
+    for seed in range(20):
+        fg, bg, inner = inner_disc(seed)
+        pix, contrast = downsampled(label, seed)[inner], np.linalg.norm(fg - bg)
+        assert (np.linalg.norm(pix - fg, axis=-1) < 0.25 * contrast).mean() > 0.1
+        assert (np.linalg.norm(pix - bg, axis=-1) < 0.25 * contrast).mean() > 0.1
 
 
 def test_colour_histogram_does_not_give_the_class_away(dataset) -> None:

@@ -30,6 +30,7 @@ def labelled_folder(root: Path) -> list[tuple[Path, int]]:
 
 
 def split(items: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """(memory bank, held-out queries): every QUERY_EVERY-th image of each class is a query."""
     bank, queries = [], []
     for label in sorted({lab for _, lab in items}):
         of_class = [it for it in items if it[1] == label]
@@ -39,6 +40,7 @@ def split(items: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[t
 
 
 def knn(backbone: VisionTransformer, bank: list, queries: list, resolution: int, mean, std) -> float:
+    """Cosine k-NN accuracy (k=20) of the backbone's class token on the queries, images resized to ``resolution``."""
     transform = eval_transform(resolution, mean, std)
     emb = [embed_images(backbone.eval(), [p for p, _ in part], transform, 256) for part in (bank, queries)]
     labels = [torch.tensor([lab for _, lab in part]) for part in (bank, queries)]
