@@ -15,11 +15,6 @@ def _deterministic() -> None:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """24 generated photographs packed into 4 shards: the index path."""
-    from biodino.data.pack import PackOptions, pack
-    from tests.images import save_photo
+    from tests.images import packed_photos
 
-    root = tmp_path_factory.mktemp("tiny_shards")
-    for i in range(24):
-        save_photo(root / "img" / f"{i:03d}.jpg", seed=3000 + i, width=64, height=48)
-    pack([str(root / "img")], PackOptions(out=root / "shards", prefix="s", max_count=6, min_side=16))
-    return root / "shards" / "s.json"
+    return packed_photos(tmp_path_factory.mktemp("tiny_shards"), count=24, per_shard=6, seed=3000)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from biodino.data.pack import PackOptions, pack
 from biodino.train import full_weights
 from biodino.train.export import backbone_from_state, export_backbone, export_full, load_backbone, load_training_state
 from biodino.train.history import read_history
@@ -20,18 +19,14 @@ from biodino.train.recipe import load_config
 from biodino.train.run_dir import RunDir
 from biodino.train.safe_load import CheckpointError
 from biodino.train.trainer import build_module
-from tests.images import save_photo
+from tests.images import packed_photos, save_photo
 
 STEPS = ["schedule.epochs=2", "schedule.steps_per_epoch=6", "checkpoint.every_n_steps=3"]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    for i in range(40):
-        save_photo(root / "img" / f"{i:03d}.jpg", seed=2000 + i, width=64, height=48)
-    pack([str(root / "img")], PackOptions(out=root / "shards", prefix="s", max_count=10, min_side=16))
-    return root / "shards" / "s.json"
+    return packed_photos(tmp_path_factory.mktemp("train"), count=40, per_shard=10, seed=2000)
 
 
 def _start(shards: Path, runs: Path, name: str, *extra: str) -> subprocess.Popen:

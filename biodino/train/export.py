@@ -124,7 +124,7 @@ def export_backbone(state: TrainingState, out_dir: Path, network: str = "teacher
     return path
 
 
-def export_full(state: TrainingState, out: Path, fmt: Format = "biodino") -> Path:
+def export_full(state: TrainingState, out: Path, fmt: Format = "biodino", stage: str = "") -> Path:
     """Full training weights (student, teacher, heads, centers): our safetensors with metadata, or birder's
     ``torch.save`` layout (``fmt="birder"``, DINOv2 only)."""
     if not any(k.startswith("student.") for k in state.weights):
@@ -133,7 +133,7 @@ def export_full(state: TrainingState, out: Path, fmt: Format = "biodino") -> Pat
         return birder_format.save_full(state.weights, state.cfg, out, {"source": str(state.source), "step": state.step,
                                                                        "biodino": biodino.__version__})
     tensors = full_weights.weights_of(state.weights)
-    return full_weights.save_atomic(tensors, out, full_weights.metadata_for(state.cfg, state.step))
+    return full_weights.save_atomic(tensors, out, full_weights.metadata_for(state.cfg, state.step, stage))
 
 
 def load_backbone(path: Path) -> tuple[VisionTransformer, dict[str, Any]]:

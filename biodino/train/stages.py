@@ -107,12 +107,9 @@ def run_schedule(stages: Sequence[Stage], only: Optional[str] = None) -> list[Pa
 
 def _write_final_weights(path: Path, stage: str) -> None:
     """Rank 0 writes the stage's full weights from its newest checkpoint; every rank waits for the file."""
-    from biodino.train import full_weights
-    from biodino.train.export import load_training_state
+    from biodino.train.export import export_full, load_training_state
 
     if rank_zero_only.rank == 0:
-        state = load_training_state(path.parent)
-        full_weights.save_atomic(full_weights.weights_of(state.weights), path,
-                                 full_weights.metadata_for(state.cfg, state.step, stage))
+        export_full(load_training_state(path.parent), path, stage=stage)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
