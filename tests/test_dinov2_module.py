@@ -10,6 +10,7 @@ from biodino.ssl import module as ssl_module
 from biodino.ssl.dinov2 import DINOv2Module
 from biodino.ssl.module import NonFiniteLossError
 from biodino.train.config import HeadConfig
+from biodino.train.config_checks import check_ranges
 from tests.synthetic import fit, tiny_config
 
 
@@ -97,8 +98,8 @@ def test_sinkhorn_centering_with_a_separate_ibot_head_trains() -> None:
 def test_config_errors_name_their_key() -> None:
     with pytest.raises(ValueError, match=r"schedule.batch_size=1: KoLeo \(objective.koleo.weight=0.1\)"):
         DINOv2Module(tiny_config(schedule={"batch_size": 1}))
-    with pytest.raises(ValueError, match="objective.centering"):
-        DINOv2Module(tiny_config(objective={"centering": "sinkhorn"}))
+    with pytest.raises(ValueError, match="objective.centering: 'sinkhorn' is out of range"):
+        check_ranges(tiny_config(objective={"centering": "sinkhorn"}))  # checked with the config, before any module
     no_koleo = tiny_config(schedule={"batch_size": 1})
     no_koleo.objective.koleo.weight = 0.0
     DINOv2Module(no_koleo)  # a batch of 1 is fine without KoLeo

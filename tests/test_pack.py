@@ -15,8 +15,8 @@ from PIL import Image
 from biodino.data.pack import OutputNotEmptyError, PackOptions, pack
 from tests.images import jpeg_bytes, photo, save_photo
 
-PLANTED = {"inputs": 21, "undecodable": 2, "too_small": 2, "exact_duplicates": 2, "near_duplicates": 2,
-           "kept": 13, "written": 15}
+PLANTED = {"inputs": 21, "unreadable": 0, "undecodable": 2, "too_small": 2, "exact_duplicates": 2,
+           "near_duplicates": 2, "kept": 13, "written": 15, "unreadable_paths": []}
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ def test_the_rendered_script_for_4_nodes_of_8_gpus(tmp_path) -> None:
         "cpus-per-task": "3", "signal": "USR1@120", "requeue": "", "open-mode": "append", "output": "%x-%j.out",
         "chdir": str(tmp_path), "partition": "gpu", "time": "48:00:00", "account": "bio"}
     srun = [line for line in script.splitlines() if line.startswith("srun ")]
-    assert srun == [f"srun {sys.executable} -m biodino train tiny schedule.batch_size=32 trainer.num_nodes=4 "
+    assert srun == [f"srun --kill-on-bad-exit=1 {sys.executable} -m biodino train tiny schedule.batch_size=32 trainer.num_nodes=4 "
                     "trainer.devices=8"]
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid shell

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any, Callable, Iterator
 
 import lightning as L
@@ -22,6 +23,13 @@ def mask_sampler(cfg: TrainConfig) -> MaskSampler:
     ibot = cfg.objective.ibot
     return MaskSampler(shape((side, side)), side * side, ibot.mask_sample_probability,
                        ibot.mask_ratio_min, ibot.mask_ratio_max)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGTERM, SIGINT and SIGUSR1 to the trainer process, which saves at the next step and
+    then ends them: a signal sent to the whole process group (Slurm, Ctrl-C) must not kill a worker mid-epoch."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ResumingLoader(DataLoader):
@@ -66,4 +74,5 @@ class ShardDataModule(L.LightningDataModule):
         workers = self.cfg.data.num_workers
         return ResumingLoader(dataset, self.consumed_batches, num_workers=workers,
                               pin_memory=self.cfg.data.pin_memory, persistent_workers=False,
+                              worker_init_fn=ignore_stop_signals,
                               prefetch_factor=4 if workers else None)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from biodino.data.decode import oriented_size, to_rgb
 from biodino.train.config import CropsConfig
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -48,7 +49,7 @@ class MultiCrop:
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> dict[str, list[torch.Tensor]]:
         with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
+            width, height = oriented_size(img)  # crops are drawn on the picture as displayed
             boxes = [random_resized_crop_box(width, height, scale, rng) for _, scale in self.plan]
             flips = rng.random(len(self.plan)) < self.cfg.flip_p
             img = _decode(img, boxes, [size for size, _ in self.plan])
@@ -63,9 +64,10 @@ class MultiCrop:
 
 
 def _decode(img: Image.Image, boxes: list[Box], sizes: list[int]) -> Image.Image:
-    """RGB pixels, decoded by the JPEG draft at the largest reduction that keeps every crop at >= its output size."""
+    """Upright 8-bit RGB pixels (``decode.to_rgb``), decoded by the JPEG draft at the largest reduction that keeps
+    every crop at >= its output size."""
     if img.format == "JPEG":
         factor = min(min(r - l, b - t) / size for (l, t, r, b), size in zip(boxes, sizes))
         if factor >= 2:
             img.draft("RGB", (math.ceil(img.width / factor), math.ceil(img.height / factor)))
-    return img.convert("RGB")
+    return to_rgb(img)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,9 +25,9 @@ def write_index(path: Path, shards: list[Shard], extra: dict[str, Any]) -> None:
     doc = {"wids_version": 1,
            "shardlist": [{"url": s.path.name, "nsamples": s.samples} for s in shards],
            "total_samples": sum(s.samples for s in shards), **extra}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    from biodino.train.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 def read_index(path: Path) -> list[Shard]:

@@ -1,8 +1,11 @@
-"""Packer inputs: image folders (recursive) and list files of paths, each path with an optional repeat count."""
+"""Image inputs: folders (recursive) and list files of paths, each path with an optional repeat count.
+
+A folder that cannot be listed is recorded, not silently skipped (``Path.rglob`` ignores permission errors)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
@@ -15,29 +18,55 @@ class SourceImage:
     repeats: int = 1
 
 
+@dataclass
+class Listing:
+    images: list[SourceImage] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)  # folders or files, and why
+
+
 class InputError(ValueError):
-    """A packer input that cannot be used (missing path, malformed list line); names the culprit."""
+    """An input that cannot be used (missing path, malformed list line, nothing to read); names the culprit."""
 
 
-def list_inputs(inputs: list[str]) -> list[SourceImage]:
+def walk_images(folder: Path, unreadable: list[tuple[Path, str]]) -> list[Path]:
+    """Image files under ``folder``, sorted; folders that cannot be listed are appended to ``unreadable``."""
+    found: list[Path] = []
+
+    def failed(err: OSError) -> None:
+        unreadable.append((Path(err.filename), err.strerror or str(err)))
+
+    for root, dirs, files in os.walk(folder, onerror=failed):
+        dirs.sort()
+        found += [Path(root) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def list_inputs(inputs: list[str]) -> Listing:
     """Images from each input in a stable order: folders walked sorted, list files in line order."""
-    images: list[SourceImage] = []
+    listing = Listing()
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            images += [SourceImage(p, path.name) for p in sorted(path.rglob("*"))
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            listing.images += [SourceImage(p, path.name) for p in walk_images(path, listing.unreadable)]
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            listing.images.append(SourceImage(path, path.parent.name))
         elif path.is_file():
-            images += _read_list(path)
+            listing.images += _read_list(path)
         else:
             raise InputError(f"input not found: {path}")
-    return images
+    return listing
 
 
 def _read_list(list_file: Path) -> list[SourceImage]:
     """Lines ``path`` or ``path<TAB>repeats``; relative paths are relative to the list file; # comments."""
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"{list_file}: not a text list of image paths (an image? pass its folder)") from None
+    except OSError as err:
+        raise InputError(f"{list_file}: cannot be read: {err.strerror}") from None
     images = []
-    for n, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -5,17 +5,28 @@ from __future__ import annotations
 
 import torch
 
+from biodino.models import preset_config
 from biodino.ssl.dinov2 import DINOv2Module, check_objective, student_backbone
 from biodino.ssl.losses import SinkhornQueue, sinkhorn_knopp
 from biodino.ssl.matryoshka import MatryoshkaHead
 from biodino.ssl.network import SSLNetwork, freeze_unused
-from biodino.train.config import HeadConfig, TrainConfig
+from biodino.train.config import ConfigError, HeadConfig, TrainConfig
 
 
 def check_franca(cfg: TrainConfig) -> None:
+    """DINOv2's checks, Sinkhorn-Knopp targets, and nesting levels that give every level a width and prototypes."""
     check_objective(cfg)
-    if cfg.objective.centering != "sinkhorn_knopp":
-        raise ValueError(f"objective.centering must be 'sinkhorn_knopp' for Franca, got {cfg.objective.centering!r}")
+    o = cfg.objective
+    if o.centering != "sinkhorn_knopp":
+        raise ConfigError(f"objective.centering must be 'sinkhorn_knopp' for Franca, got {o.centering!r}")
+    dim, coarsest = preset_config(cfg.model.preset).dim, 2 ** (o.nesting_levels - 1)
+    if dim % coarsest:
+        raise ConfigError(f"objective.nesting_levels: {o.nesting_levels} levels need an embedding size divisible by "
+                          f"{coarsest}; {cfg.model.preset} has {dim}")
+    for key, head in (("dino", o.dino.head), ("ibot", o.ibot.head)):
+        if (key == "dino" or o.ibot.separate_head) and head.num_prototypes < coarsest:
+            raise ConfigError(f"objective.{key}.head.num_prototypes: {head.num_prototypes} leaves the coarsest of "
+                              f"{o.nesting_levels} levels without prototypes (needs >= {coarsest})")
 
 
 def _head(in_dim: int, h: HeadConfig, levels: int) -> MatryoshkaHead:

@@ -18,7 +18,6 @@ files are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict
 from pathlib import Path
@@ -29,8 +28,9 @@ import torch
 from biodino.models import PRESETS, VisionTransformer, build_backbone
 from biodino.train.config import (CropsConfig, DinoConfig, HeadConfig, IbotConfig, ModelConfig, ObjectiveConfig,
                                   TrainConfig)
-from biodino.train.full_weights import CENTERS, listed, module_keys
-from biodino.train.safe_load import CheckpointError, load_torch
+from biodino.train.atomic import atomic_write
+from biodino.train.full_weights import CENTERS, module_keys
+from biodino.train.safe_load import CheckpointError, listed, load_torch
 
 NETWORKS = ("student", "teacher")
 # Buffers of birder's optional Sinkhorn queue (``--sinkhorn-queue-size``): recent teacher outputs, not weights.
@@ -206,12 +206,7 @@ def vit_config(backbone: VisionTransformer) -> dict[str, Any]:
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> Path:
-    """``torch.save`` to a temporary name, renamed over ``path`` once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_backbone(backbone: VisionTransformer, path: Path, mean: tuple[float, ...], std: tuple[float, ...],

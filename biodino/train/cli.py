@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
-
-if TYPE_CHECKING:
-    from biodino.train.config import TrainConfig
+from typing import Callable, Iterator, Optional, Sequence
 
 
 USAGE_ERROR = 2
@@ -52,9 +51,12 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         report = pack(args.inputs, opts)
     except (InputError, OutputNotEmptyError) as err:
         raise UsageError(str(err)) from None
+    unreadable = report.pop("unreadable_paths")
     width = max(map(len, report))
     for key, value in report.items():
         print(f"{key.replace('_', ' '):<{width}}  {value}")
+    for path in unreadable:
+        print(f"unreadable: {path}")
     print(f"index: {opts.out / (opts.prefix + '.json')}")
     return 0
 
@@ -79,47 +81,66 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from biodino.data.shard_index import ShardIndexError
     from biodino.train.recipe import ConfigError, load_config
-    from biodino.train.stages import is_schedule, load_schedule, run_schedule
+    from biodino.train.stages import is_schedule, load_schedule
 
     try:
         if is_schedule(args.recipe):
             stages = load_schedule(args.recipe, args.overrides)
+            from biodino.train.trainer import check_runnable  # Lightning and the model: only past the YAML checks
+
             for i, stage in enumerate(stages):  # later stages start from weights their predecessor writes
-                _check_runnable(stage.cfg, check_init=i == 0)
+                check_runnable(stage.cfg, check_init=i == 0)
         else:
             if args.stage:
                 raise ConfigError(f"--stage needs a schedule file; {args.recipe} is a recipe")
             stages, cfg = None, load_config(args.recipe, args.overrides)
-            _check_runnable(cfg)
-    except (ConfigError, ShardIndexError, ValueError) as err:
+            from biodino.train.trainer import check_runnable
+
+            check_runnable(cfg)
+    except ValueError as err:  # ConfigError, ShardIndexError: named keys and paths
         raise UsageError(str(err)) from None
-    if stages is not None:
-        try:
-            for path in run_schedule(stages, args.stage):
+    with _run_errors_as_usage():
+        if stages is not None:
+            from biodino.train.stages import run_schedule
+
+            done, stopped_by = run_schedule(stages, args.stage)
+            for path in done:
                 print(f"stage weights: {path}")
-        except ConfigError as err:
-            raise UsageError(str(err)) from None
+        else:
+            from biodino.train.trainer import train
+
+            result = train(cfg)
+            stopped_by = result.stopped_by
+            print(f"run directory: {result.run.root}")
+    return _stopped_exit_code(stopped_by)
+
+
+@contextmanager
+def _run_errors_as_usage() -> Iterator[None]:
+    """What a run refuses before training (a locked run directory, checkpoints that do not load, a changed
+    architecture) is a usage error, reported in one line; a signal before training started exits 128 + signal."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from biodino.train.config import ConfigError
+    from biodino.train.run_lock import RunLockedError
+    from biodino.train.safe_load import CheckpointError
+
+    try:
+        yield
+    except (RunLockedError, CheckpointError, ConfigError) as err:
+        raise UsageError(str(err)) from None
+    except SIGTERMException:
+        raise SystemExit(128 + signal.SIGTERM) from None
+
+
+def _stopped_exit_code(stopped_by: Optional[int]) -> int:
+    """0 when training ran to its end or was requeued by Slurm (SIGUSR1); 128 + the signal when it stopped early."""
+    if stopped_by is None or stopped_by == signal.SIGUSR1:
         return 0
-    from biodino.train.trainer import train
-
-    print(f"run directory: {train(cfg).root}")
-    return 0
-
-
-def _check_runnable(cfg: "TrainConfig", check_init: bool = True) -> None:
-    """Everything ``train`` would trip on, raised before anything is written."""
-    from biodino.data.shard_index import resolve_shards
-    from biodino.train.recipe import ConfigError
-    from biodino.train.trainer import validate  # Lightning and the model: only past the YAML checks
-
-    validate(cfg)
-    if not cfg.data.shards:
-        raise ConfigError("data.shards: missing required value (a shard index or glob)")
-    resolve_shards(cfg.data.shards)
-    if check_init and cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
-        raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
+    print(f"stopped by {signal.Signals(stopped_by).name} after saving a checkpoint; run the same command to resume",
+          file=sys.stderr)
+    return 128 + stopped_by
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -150,18 +171,29 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".npz", ".parquet"):
         raise UsageError(f"--out must end in .npz or .parquet, got {out.name}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    skipped: list[tuple[Path, str]] = []
     try:
         backbone, meta = load_backbone(Path(args.model))
-        paths = image_paths(args.images)
+        paths = image_paths(args.images, skipped)
     except (CheckpointError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
+    if not paths:
+        raise UsageError(f"no images in {', '.join(args.images)}")
     transform = eval_transform(meta["resolution"], meta["normalization"]["mean"], meta["normalization"]["std"])
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    embeddings = embed_images(backbone.to(device), paths, transform, args.batch_size)
-    write_embeddings(out, embeddings, paths)
-    print(f"{len(paths)} embeddings of size {embeddings.shape[1]} -> {out}")
+    embeddings = embed_images(backbone.to(device), paths, transform, args.batch_size, skipped)
+    bad = {p for p, _ in skipped}
+    kept = [p for p in paths if p not in bad]
+    for path, why in skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    if not kept:
+        raise UsageError(f"none of the {len(paths)} images could be read")
+    write_embeddings(out, embeddings, kept)
+    print(f"{len(kept)} embeddings of size {embeddings.shape[1]} -> {out}; {len(skipped)} skipped")
     return 0
 
 
@@ -295,6 +327,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as err:
         print(f"biodino {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except Exception as err:
+        from biodino.train.atomic import is_disk_full
+
+        if not is_disk_full(err):
+            raise
+        print(f"biodino {args.command}: error: {_disk_full_message(err)}", file=sys.stderr)
+        return 1
+
+
+def _disk_full_message(err: BaseException) -> str:
+    """``no space left on device: PATH``, with the path of the first error in the chain that names one."""
+    while err is not None:
+        path = getattr(err, "path", None) or getattr(err, "filename", None)
+        if path:
+            return f"no space left on device: {path}"
+        err = err.__cause__ or err.__context__
+    return "no space left on device"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+# The values of enumerated fields, in one place (config_checks.py checks them; the modules they select import them).
+OBJECTIVES = ("dinov2", "franca")
+CENTERINGS = ("softmax", "sinkhorn_knopp")
+ATTN_BACKENDS = ("sdpa", "xformers")
+STRATEGIES = ("auto", "ddp", "fsdp")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+DTYPES = ("bfloat16", "float16", "float32")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A recipe, override or value that does not fit the schema; the message names the key and its source."""
+
 
 @dataclass
 class ModelConfig:
@@ -156,6 +170,7 @@ class TrainerConfig:
 class LoggingConfig:
     wandb: str = "auto"  # online | offline | disabled | auto (online when an API key is configured, else offline)
     project: str = "biodino"
+    group: Optional[str] = None  # the wandb group; a schedule's stages get the schedule's name
     plots: bool = True
 
 

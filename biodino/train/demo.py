@@ -63,7 +63,7 @@ def run_demo(out: Path, seed: int = 0, data: Optional[Path] = None, per_class: i
     cfg = load_config("demo", [f"seed={seed}", f"runs_dir={out / 'runs'}", f"name=demo-seed{seed}",
                                f"data.shards={out / 'shards' / 'demo.json'}", *overrides])
     prepared = time.time()
-    run = train(cfg)
+    run = train(cfg).run
     trained = time.time()
     exported, meta = load_backbone(export_backbone(load_training_state(run.root), out / "export"))
     torch.manual_seed(seed)

@@ -23,10 +23,11 @@ import biodino
 from biodino.models import VisionTransformer, ViTConfig
 from biodino.ssl.dinov2 import student_backbone
 from biodino.train import birder_format, dcp, full_weights
+from biodino.train.atomic import atomic_write_text
 from biodino.train.config import TrainConfig
 from biodino.train.recipe import config_from_dict
 from biodino.train.run_dir import RunDir
-from biodino.train.safe_load import CheckpointError, load_torch
+from biodino.train.safe_load import CheckpointError, load_exactly, load_torch
 
 BACKBONE_FORMAT = "biodino-backbone/1"
 Format = Literal["biodino", "birder"]
@@ -89,7 +90,8 @@ def backbone_from_state(state: TrainingState, network: str = "teacher") -> Visio
         raise CheckpointError(f"{state.source} holds no {network} backbone")
     with torch.device("meta"):
         backbone = student_backbone(state.cfg)
-    backbone.to_empty(device="cpu").load_state_dict(tensors)  # strict: every parameter is overwritten
+    load_exactly(backbone.to_empty(device="cpu"), tensors, state.source,  # every parameter is overwritten
+                 f"the {state.cfg.model.preset} backbone at {state.cfg.crops.global_size} px")
     return backbone
 
 
@@ -120,7 +122,7 @@ def export_backbone(state: TrainingState, out_dir: Path, network: str = "teacher
     path = out_dir / f"{stem}.safetensors"
     tensors = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     full_weights.save_atomic(tensors, path, {"biodino": json.dumps(sidecar)})
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
+    atomic_write_text(path.with_suffix(".json"), json.dumps(sidecar, indent=1) + "\n")
     return path
 
 
@@ -148,7 +150,10 @@ def load_backbone(path: Path) -> tuple[VisionTransformer, dict[str, Any]]:
         raise CheckpointError(f"{path} is not a biodino backbone export: {err}") from None
     if sidecar.get("format") != BACKBONE_FORMAT:
         raise CheckpointError(f"{path} is not a biodino backbone export (no {BACKBONE_FORMAT} metadata)")
-    arch = {**sidecar["architecture"], "drop_path_rate": 0.0, "grad_checkpointing": False}
-    backbone = VisionTransformer(ViTConfig(**arch))
-    backbone.load_state_dict(tensors)
+    try:
+        arch = {**sidecar["architecture"], "drop_path_rate": 0.0, "grad_checkpointing": False}
+        backbone = VisionTransformer(ViTConfig(**arch))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its metadata does not describe a backbone ({err})") from None
+    load_exactly(backbone, tensors, path, f"the architecture its metadata describes ({sidecar.get('preset')})")
     return backbone.eval(), sidecar

@@ -4,7 +4,6 @@ safetensors file with metadata. What a release publishes for continued self-supe
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -14,8 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from biodino.models.pos_embed import resize_pos_embed
+from biodino.train.atomic import atomic_write_file
 from biodino.train.config import TrainConfig
-from biodino.train.safe_load import CheckpointError
+from biodino.train.safe_load import CheckpointError, listed
 
 FORMAT = "biodino-full/1"
 # Module attribute -> released name (birder's layout names the centers after their losses).
@@ -42,12 +42,8 @@ def metadata_for(cfg: TrainConfig, step: int, stage: str = "") -> dict[str, str]
 
 
 def save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """safetensors to a temporary name, renamed over ``path`` once complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    """safetensors written atomically, readable as the umask says (see ``atomic``)."""
+    return atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -90,17 +86,18 @@ def load_into(module: torch.nn.Module, path: Path) -> dict[str, Any]:
                 old_grid = int(round((state[key].shape[1] - backbone.num_prefix_tokens) ** 0.5))
                 state[key] = resize_pos_embed(state[key], backbone.num_prefix_tokens, (old_grid,) * 2,
                                               backbone.grid, antialias=True)
-        missing, unexpected = module.load_state_dict(state, strict=False)
     except (RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path} does not fit the recipe's model: {err}") from None
+        raise CheckpointError(f"{path} does not fit the recipe's model: {str(err).splitlines()[0]}") from None
+    expected = module.state_dict()
+    wrong = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit the recipe's model: {wrong[0]} has shape "
+                              f"{tuple(state[wrong[0]].shape)}, the model's is {tuple(expected[wrong[0]].shape)} "
+                              f"({len(wrong)} mismatching tensors)")
+    missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.startswith(("student.", "teacher.")) or k in CENTERS]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not fit the recipe's model: missing {listed(missing)}; "
                               f"unexpected {listed(unexpected)}")
     return metadata
 
-
-def listed(keys: list[str], limit: int = 8) -> str:
-    """Keys for an error message: the first ``limit``, and how many there are in all."""
-    shown = ", ".join(keys[:limit]) or "none"
-    return f"{shown} ... ({len(keys)} in all)" if len(keys) > limit else shown

@@ -10,13 +10,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from biodino.train.config import TrainConfig
+from biodino.train.config import ConfigError, TrainConfig
+from biodino.train.config_checks import check_ranges
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the schema; the message names the key and its source."""
 
 
 def find_recipe(spec: str) -> Path:
@@ -27,14 +24,26 @@ def find_recipe(spec: str) -> Path:
     raise ConfigError(f"recipe not found: {spec}")
 
 
+def read_yaml(path: Path) -> Any:
+    """A YAML document; a file that is not text or not YAML is a ConfigError naming it (and the line)."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a recipe is YAML)") from None
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read: {err.strerror}") from None
+
+
 def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any], Path]]:
     """The YAML documents to merge, defaults first (depth first), each with its file."""
     if path in seen:
         raise ConfigError(f"{path}: defaults form a cycle through {' -> '.join(map(str, seen))}")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    doc = read_yaml(path) or {}
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(doc).__name__}")
     layers: list[tuple[dict[str, Any], Path]] = []
@@ -73,7 +82,9 @@ def load_config(recipe: str, overrides: list[str] = ()) -> TrainConfig:
     missing = sorted(OmegaConf.missing_keys(merged))
     if missing:
         raise ConfigError(f"missing required value: {', '.join(missing)}")
-    return OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(merged)
+    check_ranges(cfg)
+    return cfg
 
 
 def to_yaml(cfg: TrainConfig) -> str:

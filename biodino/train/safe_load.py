@@ -17,11 +17,41 @@ def load_torch(path: Path) -> dict[str, Any]:
     """A ``torch.save`` file restricted to tensors and primitive containers; anything else is refused."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):  # not a pickle at all: text, an image, random bytes
+            raise CheckpointError(f"{path} is not a torch checkpoint ({str(err).splitlines()[0]})") from None
         raise CheckpointError(
             f"{path} needs pickled code to load; refusing it (only tensors and plain containers are loaded): "
-            f"{str(err).splitlines()[0]}") from None
-    except (RuntimeError, EOFError, OSError) as err:
+            f"{_first_reason(err)}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise CheckpointError(f"{path} is not a readable torch checkpoint: {str(err).splitlines()[0]}") from None
+
+
+def _first_reason(err: Exception) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return next((line.strip() for line in lines if "Unsupported global" in line), lines[0] if lines else "")
+
+
+def listed(keys: list[str], limit: int = 8) -> str:
+    """Keys for an error message: the first ``limit``, and how many there are in all."""
+    shown = ", ".join(keys[:limit]) or "none"
+    return f"{shown} ... ({len(keys)} in all)" if len(keys) > limit else shown
+
+
+def load_exactly(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path, what: str) -> None:
+    """Load ``tensors`` strictly, after checking names and shapes so that a mismatch is a CheckpointError naming
+    the file and the first mismatching key, not a traceback listing them all."""
+    expected = module.state_dict()
+    shapes = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise CheckpointError(f"{source} does not fit {what}: {k} has shape {tuple(tensors[k].shape)}, the model's is "
+                              f"{tuple(expected[k].shape)} ({len(shapes)} mismatching tensors)")
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit {what}: missing {listed(missing)}; unexpected {listed(unexpected)}")
+    module.load_state_dict(tensors)

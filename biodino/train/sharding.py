@@ -12,16 +12,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from biodino.ssl.network import SSLNetwork
 from biodino.train.config import FSDPConfig
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 def mixed_precision(cfg: FSDPConfig, device_type: str) -> MixedPrecisionPolicy:
-    """Gathered parameters in ``param_dtype`` (bf16 on GPU by default), gradients reduced in ``reduce_dtype``."""
+    """Gathered parameters in ``param_dtype`` (bf16 on GPU by default), gradients reduced in ``reduce_dtype``
+    (names from ``config.DTYPES``, checked with the config)."""
     param = cfg.param_dtype or ("bfloat16" if device_type == "cuda" else "float32")
-    for key, name in (("param_dtype", param), ("reduce_dtype", cfg.reduce_dtype)):
-        if name not in DTYPES:
-            raise ValueError(f"trainer.fsdp.{key} must be one of {sorted(DTYPES)}, got {name!r}")
-    return MixedPrecisionPolicy(param_dtype=DTYPES[param], reduce_dtype=DTYPES[cfg.reduce_dtype])
+    return MixedPrecisionPolicy(param_dtype=getattr(torch, param), reduce_dtype=getattr(torch, cfg.reduce_dtype))
 
 
 def shard_network(net: SSLNetwork, mesh: DeviceMesh, policy: MixedPrecisionPolicy, reshard: bool) -> None:

@@ -12,16 +12,18 @@ A stage's run is ``runs_dir/<schedule>-<stage>``; it is complete once its ``fina
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch.distributed as dist
-import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 from biodino.train.config import TrainConfig
-from biodino.train.recipe import ConfigError, find_recipe, load_config
+from biodino.train.recipe import ConfigError, find_recipe, load_config, read_yaml
+from biodino.train.run_dir import RunDir
+from biodino.train.run_lock import run_lock
 
 STAGE_KEYS = {"name", "recipe", "overrides"}
 FINAL_WEIGHTS = "final.safetensors"
@@ -44,14 +46,14 @@ def is_schedule(spec: str) -> bool:
         path = find_recipe(spec)
     except ConfigError:
         return False
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     return isinstance(raw, dict) and "stages" in raw
 
 
 def load_schedule(spec: str, overrides: Sequence[str] = ()) -> list[Stage]:
     """Every stage's resolved config; ``overrides`` apply to all stages, after each stage's own."""
     path = find_recipe(spec)
-    raw = yaml.safe_load(path.read_text())
+    raw = read_yaml(path)
     unknown = set(raw) - {"name", "stages"}
     if unknown:
         raise ConfigError(f"{path}: unknown schedule keys {sorted(unknown)} (expected name, stages)")
@@ -76,15 +78,16 @@ def _stage(path: Path, schedule: str, i: int, entry: object, overrides: Sequence
     recipe = str((path.parent / str(entry["recipe"])).resolve())
     own = [str(o) for o in entry.get("overrides", [])]
     run_name = f"{schedule}-{entry['name']}"
-    cfg = load_config(recipe, [*own, *overrides, f"name={run_name}"])
+    cfg = load_config(recipe, [f"logging.group={schedule}", *own, *overrides, f"name={run_name}"])
     if previous is not None and not cfg.init.full_weights:
         cfg = replace(cfg, init=replace(cfg.init, full_weights=str(previous.final_weights)))
     return Stage(str(entry["name"]), cfg, (str(path.resolve()), "--stage", str(entry["name"]), *overrides))
 
 
-def run_schedule(stages: Sequence[Stage], only: Optional[str] = None) -> list[Path]:
+def run_schedule(stages: Sequence[Stage], only: Optional[str] = None) -> tuple[list[Path], Optional[int]]:
     """Run the stages in order (or just ``only``), skipping completed ones; an interrupted stage resumes from its
-    newest checkpoint. Returns the final-weights files of the stages run or found complete."""
+    newest checkpoint. Returns the final-weights files of the stages run or found complete, and the signal that
+    stopped a stage early (None when every stage asked for ran to its end)."""
     from biodino.train.trainer import train  # Lightning and the model: only once a schedule is to run
 
     if only is not None and only not in [s.name for s in stages]:
@@ -97,12 +100,14 @@ def run_schedule(stages: Sequence[Stage], only: Optional[str] = None) -> list[Pa
             if i > 0 and not stages[i - 1].final_weights.exists():
                 raise ConfigError(f"stage {stage.name!r} starts from {stages[i - 1].final_weights}, which does not "
                                   f"exist yet: run stage {stages[i - 1].name!r} first")
-            run = train(stage.cfg)
-            if run.newest_step() < stage.cfg.schedule.total_steps:
-                break  # stopped early (preempted and requeued): the next start resumes this stage
-            _write_final_weights(run.root / FINAL_WEIGHTS, stage.name)
+            run = RunDir(stage.final_weights.parent)
+            with run_lock(run.lock) if rank_zero_only.rank == 0 else nullcontext():  # until its weights exist
+                result = train(stage.cfg)
+                if result.stopped_by is not None or run.newest_step() < stage.cfg.schedule.total_steps:
+                    return done, result.stopped_by  # stopped early: the next start resumes this stage
+                _write_final_weights(run.root / FINAL_WEIGHTS, stage.name)
         done.append(stage.final_weights)
-    return done
+    return done, None
 
 
 def _write_final_weights(path: Path, stage: str) -> None:

@@ -11,13 +11,12 @@ from typing import Any, Optional, Union
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from biodino.train import dcp
-
-STRATEGIES = ("auto", "ddp", "fsdp")
+from biodino.train.atomic import DiskFullError, is_disk_full
+from biodino.train.checkpointing import write_sums
 
 
 def build_strategy(name: str) -> Union[str, Strategy]:
-    if name not in STRATEGIES:
-        raise ValueError(f"trainer.strategy must be one of {STRATEGIES}, got {name!r}")
+    """``name`` is one of ``config.STRATEGIES`` (checked with the config)."""
     return ShardedStrategy() if name == "fsdp" else name
 
 
@@ -43,9 +42,17 @@ class ShardedStrategy(ModelParallelStrategy):
         if self.is_global_zero and tmp.exists():
             shutil.rmtree(tmp)
         self.barrier("checkpoint_tmp_clean")
-        super().save_checkpoint(checkpoint, tmp, storage_options)
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+        except Exception as err:  # every rank raises: DCP gathers the ranks' write errors
+            if self.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(err) or "No space left" in str(err):
+                raise DiskFullError(path) from None
+            raise
         self.barrier("checkpoint_written")
         if self.is_global_zero:
+            write_sums(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)

@@ -2,54 +2,96 @@
 
 from __future__ import annotations
 
-import netrc
-import os
-from dataclasses import asdict
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from biodino.data.datamodule import ShardDataModule
+from biodino.data.shard_index import resolve_shards
+from biodino.models import PRESETS, preset_config
 from biodino.ssl.dinov2 import DINOv2Module, check_objective
 from biodino.ssl.franca import FrancaModule, check_franca
 from biodino.ssl.module import SSLModule
+from biodino.ssl.param_groups import param_groups
 from biodino.train import full_weights
-from biodino.train.checkpointing import AtomicCheckpointIO, StepAndEpochCheckpoint, remove_partial
-from biodino.train.config import TrainConfig
+from biodino.train.atomic import atomic_write_text
+from biodino.train.checkpointing import AtomicCheckpointIO, StepCheckpoint, remove_partial, resumable_checkpoint
+from biodino.train.config import ConfigError, TrainConfig
+from biodino.train.config_checks import leaves
 from biodino.train.history import History
-from biodino.train.recipe import to_yaml
-from biodino.train.requeue import Requeue, requeue_job
+from biodino.train.interrupt import StopOnSignal, requeue_job, stop_signal
+from biodino.train.loggers import finish, loggers
+from biodino.train.recipe import load_config, to_yaml
 from biodino.train.run_dir import RunDir
-from biodino.train.sharding import mixed_precision
+from biodino.train.run_lock import run_lock
 from biodino.train.strategy import build_strategy
 from biodino.train.throughput import Throughput
 
 OBJECTIVES: dict[str, type[SSLModule]] = {"dinov2": DINOv2Module, "franca": FrancaModule}
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
 CHECKS = {"dinov2": check_objective, "franca": check_franca}
 
 
-def validate(cfg: TrainConfig) -> None:
-    """Every config error that building the run would hit, raised before anything is written."""
-    if cfg.objective.name not in OBJECTIVES:
-        raise ValueError(f"objective.name must be one of {sorted(OBJECTIVES)}, got {cfg.objective.name!r}")
+@dataclass(frozen=True)
+class RunResult:
+    run: RunDir
+    stopped_by: Optional[int] = None  # the signal that stopped training after its save; None: ran to the end
+
+
+def check_runnable(cfg: TrainConfig, check_init: bool = True) -> None:
+    """What the config's value ranges cannot tell alone (presets, patch sizes, the objective, the data), raised as
+    ConfigError naming the key before anything is written."""
+    if cfg.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; available: {', '.join(PRESETS)}")
+    patch = preset_config(cfg.model.preset).patch_size
+    sizes = [("crops.global_size", cfg.crops.global_size)]
+    sizes += [("crops.local_size", cfg.crops.local_size)] if cfg.crops.num_local else []
+    for key, size in sizes:
+        if size % patch:
+            raise ConfigError(f"{key}: {size} is not a multiple of the patch size {patch} of {cfg.model.preset}")
     CHECKS[cfg.objective.name](cfg)
-    wandb_mode(cfg)
-    build_strategy(cfg.trainer.strategy)
-    if cfg.trainer.strategy == "fsdp":
-        mixed_precision(cfg.trainer.fsdp, "cpu")
+    if not cfg.data.shards:
+        raise ConfigError("data.shards: missing required value (a shard index or glob)")
+    resolve_shards(cfg.data.shards)
+    if check_init and cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
+        raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
 
 
 def build_module(cfg: TrainConfig) -> SSLModule:
-    validate(cfg)
     return OBJECTIVES[cfg.objective.name](cfg)
+
+
+def architecture(cfg: TrainConfig) -> dict[str, tuple]:
+    """What a checkpoint must match to resume: every module tensor's shape and the optimizer's group sizes
+    (built on the meta device: no memory, no initialization)."""
+    with torch.device("meta"):
+        module = build_module(cfg)
+    shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    o = cfg.optim
+    groups = param_groups(module.student, module.student.backbone.cfg.depth, o.layerwise_decay, o.patch_embed_lr_mult)
+    shapes["optimizer parameter groups"] = tuple(len(g["params"]) for g in groups)
+    return shapes
+
+
+def check_compatible(run: RunDir, cfg: TrainConfig) -> None:
+    """A run with checkpoints resumes only with the architecture it was trained with: a changed preset, head,
+    resolution or parameter grouping is refused, naming the changed keys, before its config.yaml is touched."""
+    if not run.config.is_file() or run.newest_checkpoint() is None:
+        return
+    old = load_config(str(run.config))
+    before, after = architecture(old), architecture(cfg)
+    if before == after:
+        return
+    changed = [f"{k}: {a!r} -> {b!r}" for (k, a, _), (_, b, _) in zip(leaves(old), leaves(cfg)) if a != b]
+    first = next(k for k in sorted({*before, *after}) if before.get(k) != after.get(k))
+    raise ConfigError(f"{run.root} was trained with another architecture ({first}: {before.get(first)} -> "
+                      f"{after.get(first)}); changed: {'; '.join(changed)}. Start a new run (name=...) or use "
+                      "init.full_weights to start from its weights")
 
 
 def precision(cfg: TrainConfig) -> str:
@@ -59,40 +101,17 @@ def precision(cfg: TrainConfig) -> str:
     return "bf16-mixed" if on_gpu else "32-true"
 
 
-def wandb_mode(cfg: TrainConfig) -> str:
-    """``auto``: online when an API key is configured (environment or ~/.netrc), else offline."""
-    mode = cfg.logging.wandb
-    if mode not in WANDB_MODES:
-        raise ValueError(f"logging.wandb must be one of {WANDB_MODES}, got {mode!r}")
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    try:
-        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return "offline"
-
-
-def loggers(cfg: TrainConfig, run: RunDir) -> list[Logger]:
-    """A CSV logger always; wandb unless disabled, resuming the run id stored in the run directory."""
-    out: list[Logger] = [CSVLogger(str(run.logs), name="", version="")]
-    mode = wandb_mode(cfg)
-    if mode != "disabled" and rank_zero_only.rank == 0:  # only rank 0 logs; only it creates the stored run id
-        out.append(WandbLogger(project=cfg.logging.project, name=cfg.name, id=run.wandb_id(), resume="allow",
-                               save_dir=str(run.logs), mode=mode, config=asdict(cfg)))
-    return out
-
-
 def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
     s = cfg.schedule
-    callbacks = [StepAndEpochCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
+    slurm = SLURMEnvironment.detect()
+    callbacks = [StepCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
+                                s.steps_per_epoch),
+                 StopOnSignal(requeue=slurm),
                  History(run.history, run.plots if cfg.logging.plots else None),
                  Throughput(s.batch_size)]
     plugins: list = [AtomicCheckpointIO()]
-    if SLURMEnvironment.detect():  # our requeue saves at a step boundary; Lightning's saves inside the handler
+    if slurm:  # our requeue saves at a step boundary; Lightning's saves inside the handler
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        callbacks.append(Requeue())
     return L.Trainer(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes,
                      strategy=build_strategy(cfg.trainer.strategy), precision=precision(cfg),
                      max_steps=s.total_steps, max_epochs=s.epochs, limit_train_batches=s.steps_per_epoch
@@ -102,21 +121,28 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
                      plugins=plugins)
 
 
-def train(cfg: TrainConfig) -> RunDir:
-    """Train from ``cfg`` in ``runs_dir/name``; started again on the same directory, it resumes from the
-    newest complete checkpoint (model, optimizer, schedules, centers, RNG, data position)."""
-    run = RunDir(Path(cfg.runs_dir) / cfg.name).create()
-    if rank_zero_only.rank == 0:  # known from RANK / SLURM_PROCID before the process group exists
-        remove_partial(run.checkpoints)
-        tmp = run.config.with_suffix(".tmp")
-        tmp.write_text(to_yaml(cfg))
-        os.replace(tmp, run.config)
-    resume: Optional[Path] = run.newest_checkpoint()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg)
-    if resume is None and cfg.init.full_weights:
-        full_weights.load_into(module, Path(cfg.init.full_weights))
-    trainer = build_trainer(cfg, run)
-    trainer.fit(module, datamodule=ShardDataModule(cfg), ckpt_path=resume, weights_only=True)
-    requeue_job(trainer)
-    return run
+def train(cfg: TrainConfig) -> RunResult:
+    """Train from ``cfg`` in ``runs_dir/name``, holding the directory's lock; started again on the same directory,
+    it resumes from the newest checkpoint that verifies (model, optimizer, schedules, centers, data position)."""
+    run = RunDir(Path(cfg.runs_dir) / cfg.name)
+    rank0 = rank_zero_only.rank == 0  # known from RANK / SLURM_PROCID before the process group exists
+    with run_lock(run.lock) if rank0 else nullcontext():
+        if rank0:
+            check_compatible(run, cfg)
+            run.create()
+            remove_partial(run.checkpoints)
+            atomic_write_text(run.config, to_yaml(cfg))
+        run.create()
+        resume: Optional[Path] = resumable_checkpoint(run)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = build_module(cfg)
+        if resume is None and cfg.init.full_weights:
+            full_weights.load_into(module, Path(cfg.init.full_weights))
+        trainer = build_trainer(cfg, run)
+        try:
+            trainer.fit(module, datamodule=ShardDataModule(cfg), ckpt_path=resume, weights_only=True)
+        finally:
+            finish(trainer.loggers)
+        requeue_job(trainer)
+        return RunResult(run, stop_signal(trainer))
+
