@@ -9,8 +9,8 @@ A checksum is kept because ``torch.load`` does not notice damaged bytes: a ``.ck
 
 from __future__ import annotations
 
-import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,7 +23,6 @@ from biodino.train.atomic import HashingWriter, atomic_write, atomic_write_text,
 from biodino.train.run_dir import RunDir
 from biodino.train.safe_load import CheckpointError, load_torch
 
-log = logging.getLogger(__name__)
 SUMS_FILE = "SHA256SUMS"  # inside a sharded checkpoint directory
 
 
@@ -94,9 +93,8 @@ def resumable_checkpoint(run: RunDir) -> Optional[Path]:
         try:
             verify(path)
         except CheckpointError as err:
-            log.warning("skipping checkpoint %s: %s", path, err)
-            print(f"warning: skipping checkpoint {path}: {err}", flush=True)
-            failures.append(f"{path.name} ({err})")
+            print(f"warning: skipping checkpoint {path.name}: {err}", file=sys.stderr, flush=True)
+            failures.append(str(err))
             continue
         return path
     if failures:

@@ -1,11 +1,18 @@
-"""Per-step history (logs/history.jsonl, appended across resumes) and the PNG curves drawn from it."""
+"""Per-step history (logs/history.jsonl, every optimizer step), the metrics table (logs/metrics.csv, every
+``trainer.log_every_n_steps`` steps), both appended across resumes, and the PNG curves drawn from the history.
+
+Both are written at the end of each optimizer step, before that step's checkpoint (Lightning runs checkpoint
+callbacks last), so every step a checkpoint holds is in the logs even if the process dies right after the save.
+(Lightning's own CSV logger writes its rows after the checkpoint, and empties the file when a run resumes.)
+"""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 
@@ -24,11 +31,41 @@ def read_history(path: Path) -> dict[int, dict[str, float]]:
     return dict(sorted(steps.items()))
 
 
-class History(L.Callback):
-    """Appends the step's logged scalars after every optimizer step; draws curves at each epoch end."""
+class MetricsTable:
+    """A CSV file of one row per logged step, appended; a metric seen for the first time widens the header (the
+    file is then rewritten once with the old rows kept)."""
 
-    def __init__(self, path: Path, plots_dir: Path | None) -> None:
-        self.path, self.plots_dir = path, plots_dir
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.columns: list[str] = []
+        if path.is_file():
+            with path.open(newline="") as f:
+                self.columns = next(csv.reader(f), [])
+
+    def append(self, row: dict[str, Any]) -> None:
+        new = sorted(set(row) - set(self.columns))
+        if new:
+            old_rows = list(csv.DictReader(self.path.open(newline=""))) if self.path.is_file() else []
+            self.columns = ["step", *sorted((set(self.columns) | set(new)) - {"step"})]
+            self._write("w", [*old_rows, row])
+        else:
+            self._write("a", [row])
+
+    def _write(self, mode: str, rows: list[dict[str, Any]]) -> None:
+        with self.path.open(mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)
+
+
+class History(L.Callback):
+    """Appends the step's logged scalars after every optimizer step (and every ``csv_every`` steps to the metrics
+    table); draws curves at each epoch end."""
+
+    def __init__(self, path: Path, plots_dir: Optional[Path], table: Optional[Path] = None, csv_every: int = 1) -> None:
+        self.path, self.plots_dir, self.csv_every = path, plots_dir, csv_every
+        self.table = MetricsTable(table) if table is not None else None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -38,6 +75,8 @@ class History(L.Callback):
         record.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.table is not None and (record["step"] % self.csv_every == 0 or trainer.global_step == trainer.max_steps):
+            self.table.append({**record, "epoch": trainer.current_epoch})
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.plots_dir is not None and trainer.global_rank == 0:

@@ -1,39 +1,17 @@
-"""The run's loggers: CSV always (``logs/metrics.csv``, appended across resumes), wandb unless disabled (one wandb
-run per run directory, its id stored there so a resumed run continues it; a schedule's stages grouped)."""
+"""wandb, unless disabled: one wandb run per run directory, its id stored there so that a resumed run continues it,
+and a schedule's stages grouped under the schedule's name. (The CSV table is written by ``history.History``.)"""
 
 from __future__ import annotations
 
-import csv
 import netrc
 import os
 from dataclasses import asdict
 
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from biodino.train.config import TrainConfig
 from biodino.train.run_dir import RunDir
-
-
-
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer deletes an existing ``metrics.csv`` when it starts; this one keeps its rows and
-    starts from its columns, so a resumed run appends (steps redone after a resume appear again, later rows last)."""
-
-    def _check_log_dir_exists(self) -> None:
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                self.metrics_keys = sorted(next(csv.reader(f), []))
-
-
-class AppendingCSVLogger(CSVLogger):
-    @property
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
 
 
 def wandb_mode(cfg: TrainConfig) -> str:
@@ -50,14 +28,11 @@ def wandb_mode(cfg: TrainConfig) -> str:
 
 
 def loggers(cfg: TrainConfig, run: RunDir) -> list[Logger]:
-    """A CSV logger always; wandb on rank 0 unless disabled, under the run id stored in the run directory."""
-    out: list[Logger] = [AppendingCSVLogger(str(run.logs), name="", version="",  # each logged row written at once
-                                            flush_logs_every_n_steps=cfg.trainer.log_every_n_steps)]
-    mode = wandb_mode(cfg)
-    if mode != "disabled" and rank_zero_only.rank == 0:  # only rank 0 logs; only it creates the stored run id
-        out.append(WandbLogger(project=cfg.logging.project, name=cfg.name, id=run.wandb_id(), resume="allow",
-                               group=cfg.logging.group, save_dir=str(run.logs), mode=mode, config=asdict(cfg)))
-    return out
+    """wandb on rank 0 unless disabled, under the run id stored in the run directory (else no logger)."""
+    if wandb_mode(cfg) == "disabled" or rank_zero_only.rank != 0:  # only rank 0 logs and creates the stored id
+        return []
+    return [WandbLogger(project=cfg.logging.project, name=cfg.name, id=run.wandb_id(), resume="allow",
+                        group=cfg.logging.group, save_dir=str(run.logs), mode=wandb_mode(cfg), config=asdict(cfg))]
 
 
 def finish(loggers: list[Logger]) -> None:

@@ -107,7 +107,8 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
     callbacks = [StepCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                                 s.steps_per_epoch),
                  StopOnSignal(requeue=slurm),
-                 History(run.history, run.plots if cfg.logging.plots else None),
+                 History(run.history, run.plots if cfg.logging.plots else None, run.logs / "metrics.csv",
+                         cfg.trainer.log_every_n_steps),
                  Throughput(s.batch_size)]
     plugins: list = [AtomicCheckpointIO()]
     if slurm:  # our requeue saves at a step boundary; Lightning's saves inside the handler
@@ -116,7 +117,7 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
                      strategy=build_strategy(cfg.trainer.strategy), precision=precision(cfg),
                      max_steps=s.total_steps, max_epochs=s.epochs, limit_train_batches=s.steps_per_epoch
                      * s.accumulate_grad_batches, accumulate_grad_batches=s.accumulate_grad_batches,
-                     callbacks=callbacks, logger=loggers(cfg, run), log_every_n_steps=cfg.trainer.log_every_n_steps,
+                     callbacks=callbacks, logger=loggers(cfg, run) or False, log_every_n_steps=cfg.trainer.log_every_n_steps,
                      default_root_dir=str(run.root), num_sanity_val_steps=0, use_distributed_sampler=False,
                      plugins=plugins)
 
