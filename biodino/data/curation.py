@@ -6,8 +6,9 @@ bits, so two images within ``threshold`` Hamming distance are taken as the same 
 multi-index hashing: the hash is split into threshold + 1 chunks and two hashes within the threshold
 must agree on at least one chunk (pigeonhole), so only bucket-mates are compared.
 
-A hash says little about a flat image (no brightness differences: every bit is 0) or an extreme strip (a 9x8
-resize of it is mostly interpolation), so those are matched only as exact duplicates; and two hashes match only
+A hash says little about a flat image (no brightness differences: every bit is 0), a smooth gradient (all bits
+alike: every left-to-right brightening image shares it) or an extreme strip (a 9x8 resize of it is mostly
+interpolation), so those are matched only as exact duplicates; and two hashes match only
 when the pictures also agree in aspect ratio and mean colour, as a rescaled or re-encoded copy does. Pixels are
 read as a viewer shows them (``decode.to_rgb``): 16-bit images are no longer white squares that all match.
 """
@@ -26,6 +27,7 @@ from biodino.data.decode import to_rgb
 from biodino.data.sources import SourceImage
 
 FLAT_RANGE = 8  # grey levels between the darkest and brightest of the 9x8 thumbnail below which it is flat
+MIN_MINORITY_BITS = 8  # a hash with fewer 0s or fewer 1s than this describes a gradient, not a picture
 MAX_ASPECT = 8.0  # longer side / shorter side beyond which a picture is a strip
 ASPECT_TOLERANCE = 0.1  # relative difference of aspect ratios two near duplicates may have
 COLOUR_TOLERANCE = 16  # per channel, in 8-bit levels, between the mean colours of two near duplicates
@@ -52,14 +54,16 @@ class Inspection:
 
 
 def dhash(img: Image.Image) -> tuple[int, bool]:
-    """64-bit difference hash of an image (see module docstring), and whether it is informative (not flat)."""
+    """64-bit difference hash of an image (see module docstring), and whether it is informative (not flat, not
+    a gradient)."""
     small = img.convert("L").resize((9, 8), Image.Resampling.BILINEAR)
     px = list(small.tobytes())
     bits = 0
     for row in range(8):
         for col in range(8):
             bits = (bits << 1) | int(px[row * 9 + col] > px[row * 9 + col + 1])
-    return bits, max(px) - min(px) >= FLAT_RANGE
+    ones = bin(bits).count("1")
+    return bits, max(px) - min(px) >= FLAT_RANGE and MIN_MINORITY_BITS <= ones <= 64 - MIN_MINORITY_BITS
 
 
 def inspect(item: SourceImage, min_side: int) -> Inspection:

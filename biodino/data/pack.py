@@ -25,6 +25,7 @@ from biodino.data.sources import InputError, list_inputs
 
 FORMATS = {"keep": None, "jpg": "JPEG", "webp": "WEBP", "png": "PNG"}
 PIL_TO_EXT = {"JPEG": "jpg", "WEBP": "webp", "PNG": "png"}
+LOSSLESS = {"GIF", "BMP", "TIFF", "PPM", "TGA"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ def encode(ins: Inspection, max_side: Optional[int], fmt: str, quality: int) -> 
     data = ins.item.path.read_bytes()
     with Image.open(io.BytesIO(data)) as img:
         needs_resize = max_side is not None and max(img.size) > max_side
-        target = FORMATS[fmt] or (img.format if img.format in PIL_TO_EXT else "JPEG")
+        target = FORMATS[fmt] or (img.format if img.format in PIL_TO_EXT else _lossless_or_jpeg(img.format))
         if not needs_resize and img.format == target and not needs_conversion(img):
             return PIL_TO_EXT[target], data
         img = to_rgb(img)
@@ -62,6 +63,11 @@ def encode(ins: Inspection, max_side: Optional[int], fmt: str, quality: int) -> 
         buf = io.BytesIO()
         img.save(buf, format=target, quality=quality)
         return PIL_TO_EXT[target], buf.getvalue()
+
+
+def _lossless_or_jpeg(source_format: Optional[str]) -> str:
+    """Where the source format cannot be stored as it is: PNG for lossless sources (GIF, BMP, TIFF), else JPEG."""
+    return "PNG" if source_format in LOSSLESS else "JPEG"
 
 
 def _existing_outputs(opts: PackOptions) -> list[Path]:
