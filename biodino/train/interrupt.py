@@ -87,10 +87,6 @@ class StopOnSignal(L.Callback):
         self.stopped_by = signum
         trainer.should_stop = True
 
-    @property
-    def requeue_requested(self) -> bool:
-        return self.stopped_by == signal.SIGUSR1
-
 
 def stop_signal(trainer: L.Trainer) -> Optional[int]:
     """The signal that stopped this run after its save (None: it ran to the end)."""
