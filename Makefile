@@ -19,6 +19,7 @@ demo: install
 	$(BIN)/biodino demo --out demo
 
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 clean:

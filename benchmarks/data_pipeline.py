@@ -20,7 +20,7 @@ from torchvision import transforms as T
 
 from biodino.data.multicrop import MultiCrop
 from biodino.data.synthetic import jpeg_bytes, photo
-from biodino.train.config import CropsConfig
+from biodino.config.schema import CropsConfig
 
 
 def reference_pipeline(cfg: CropsConfig):

@@ -1,5 +1,5 @@
 """``python -m biodino`` is the ``biodino`` command."""
 
-from biodino.train.cli import main
+from biodino.cli.main import main
 
 raise SystemExit(main())

@@ -18,3 +18,11 @@ def tiny_shards(tmp_path_factory) -> Path:
     from tests.images import packed_photos
 
     return packed_photos(tmp_path_factory.mktemp("tiny_shards"), count=24, per_shard=6, seed=3000)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Markers by folder: ``-m "not oracle"``, ``-m integration``; Slurm tests carry ``slurm`` themselves."""
+    for item in items:
+        for folder in ("integration", "oracle"):
+            if f"/tests/{folder}/" in str(item.fspath):
+                item.add_marker(getattr(pytest.mark, folder))

@@ -1,4 +1,4 @@
-"""Run by tests/test_fsdp.py under torchrun: train the tiny DINOv2 for a few steps on fixed global batches,
+"""Run by tests/integration/test_fsdp.py under torchrun: train the tiny DINOv2 for a few steps on fixed global batches,
 each rank taking its slice of every batch, and write per-step losses, a consolidated state dict and a
 sharded checkpoint to OUT.
 
@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from biodino.train.recipe import load_config
-from biodino.train.strategy import build_strategy
-from biodino.train.trainer import build_module
+from biodino.config.recipe import load_config
+from biodino.distributed.strategy import build_strategy
+from biodino.run.trainer import build_module
 
 STEPS, GLOBAL_BATCH, N_LOCAL = 5, 8, 2
 

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 
+import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-import random
-
 from biodino.data.collate import collate_crops
-from biodino.ssl.masking import BlockMasking, MaskSampler
-from biodino.train.config import HeadConfig, TrainConfig
+from biodino.data.masking import BlockMasking, MaskSampler
+from biodino.config.schema import HeadConfig, TrainConfig
 
 
 def tiny_config(**sections) -> TrainConfig:
@@ -81,3 +81,21 @@ def fit(module, cfg: TrainConfig, steps: int, callbacks=(), accumulate: int = 1)
                         callbacks=list(callbacks), deterministic=True)
     trainer.fit(module, loader(cfg, n=cfg.schedule.batch_size * steps * accumulate))
     return trainer
+
+
+class Recorder(L.Callback):
+    """Per step: logged metrics, teacher before the step, student and teacher after it."""
+
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.teacher_before: list[dict[str, torch.Tensor]] = []
+        self.after: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.teacher_before.append({k: v.clone() for k, v in pl_module.teacher.state_dict().items()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        self.after.append(({k: v.clone() for k, v in pl_module.student.state_dict().items()},
+                           {k: v.clone() for k, v in pl_module.teacher.state_dict().items()}))
+        assert all(p.grad is None and not p.requires_grad for p in pl_module.teacher.parameters())

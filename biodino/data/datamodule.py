@@ -12,14 +12,15 @@ from torch.utils.data import DataLoader
 from biodino.data.dataset import MultiCropBatches
 from biodino.data.shard_index import Shard, resolve_shards
 from biodino.models import preset_config
-from biodino.ssl.masking import BlockMasking, CyclicMasking, MaskSampler
-from biodino.train.config import TrainConfig
+from biodino.config.schema import TrainConfig
+from biodino.data.masking import BlockMasking, MaskSampler
+
+MaskShape = Callable[[tuple[int, int]], Callable]  # a mask generator class taking the patch grid
 
 
-def mask_sampler(cfg: TrainConfig) -> MaskSampler:
-    """iBOT masks on the global-crop patch grid: block masking (DINOv2) or inverse-roll masking (Franca)."""
+def mask_sampler(cfg: TrainConfig, shape: MaskShape = BlockMasking) -> MaskSampler:
+    """iBOT masks on the global-crop patch grid, of the objective's ``shape`` (DINOv2's blocks by default)."""
     side = cfg.crops.global_size // preset_config(cfg.model.preset).patch_size
-    shape = CyclicMasking if cfg.objective.name == "franca" else BlockMasking
     ibot = cfg.objective.ibot
     return MaskSampler(shape((side, side)), side * side, ibot.mask_sample_probability,
                        ibot.mask_ratio_min, ibot.mask_ratio_max)
@@ -47,9 +48,9 @@ class ResumingLoader(DataLoader):
 class ShardDataModule(L.LightningDataModule):
     """Batches of multi-crop uint8 crops and iBOT masks from the shards named by ``data.shards``."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, mask_shape: MaskShape = BlockMasking) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.mask_shape = cfg, mask_shape  # the objective says which masks it learns from
         self.shards: list[Shard] = []
 
     def setup(self, stage: str) -> None:
@@ -70,7 +71,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> ResumingLoader:
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        dataset = MultiCropBatches(self.shards, self.cfg, mask_sampler(self.cfg), rank)
+        dataset = MultiCropBatches(self.shards, self.cfg, mask_sampler(self.cfg, self.mask_shape), rank)
         workers = self.cfg.data.num_workers
         return ResumingLoader(dataset, self.consumed_batches, num_workers=workers,
                               pin_memory=self.cfg.data.pin_memory, persistent_workers=False,

@@ -17,8 +17,8 @@ from biodino.data.multicrop import MultiCrop
 from biodino.data.shard_index import Shard
 from biodino.data.stream import BATCH_MASKS, SAMPLE_AUGMENT, SampleStream, derived_seed
 from biodino.data.tar_reader import TarShard
-from biodino.ssl.masking import MaskSampler
-from biodino.train.config import TrainConfig
+from biodino.data.masking import MaskSampler
+from biodino.config.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from biodino.data.decode import oriented_size, to_rgb
-from biodino.train.config import CropsConfig
+from biodino.config.schema import CropsConfig
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 Box = tuple[float, float, float, float]  # left, top, right, bottom in source pixels

@@ -151,7 +151,7 @@ def _unreadable_note(unreadable: list[tuple[Path, str]]) -> str:
 def _write(order: list[Inspection], opts: PackOptions, existing: list[Path]) -> list[Shard]:
     """Shards into a hidden folder, moved into ``opts.out`` only once all are complete; the folder is removed on
     any failure (a full disk is reported as such)."""
-    from biodino.train.atomic import failing_cleanly
+    from biodino.fs.atomic import failing_cleanly
 
     opts.out.mkdir(parents=True, exist_ok=True)
     tmp = opts.out / f".{opts.prefix}-packing"

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from biodino.train.config import CropsConfig
+from biodino.config.schema import CropsConfig
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)  # color-jitter op ids, the column order of the factors

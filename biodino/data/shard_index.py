@@ -25,7 +25,7 @@ def write_index(path: Path, shards: list[Shard], extra: dict[str, Any]) -> None:
     doc = {"wids_version": 1,
            "shardlist": [{"url": s.path.name, "nsamples": s.samples} for s in shards],
            "total_samples": sum(s.samples for s in shards), **extra}
-    from biodino.train.atomic import atomic_write_text
+    from biodino.fs.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 

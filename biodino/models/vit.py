@@ -196,6 +196,11 @@ class VisionTransformer(nn.Module):
         self.grid = grid
         self.cfg = ViTConfig(**{**asdict(self.cfg), "image_size": image_size})
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order: the units that sharding, compilation and layer decay work on."""
+        return self.encoder.block
+
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         self.encoder.grad_checkpointing = enabled
 

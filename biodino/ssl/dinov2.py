@@ -6,12 +6,13 @@ from typing import Any
 
 import torch
 
+from biodino.data.masking import BlockMasking
 from biodino.models import VisionTransformer, build_backbone
 from biodino.ssl.heads import DINOHead
 from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, masked_token_weights, sinkhorn_knopp
 from biodino.ssl.module import SSLModule
 from biodino.ssl.network import SSLNetwork, freeze_unused
-from biodino.train.config import ConfigError, HeadConfig, TrainConfig
+from biodino.config.schema import ConfigError, HeadConfig, TrainConfig
 
 N_GLOBAL = 2
 
@@ -46,13 +47,18 @@ class DINOv2Module(SSLModule):
     """DINOv2 as in facebookresearch/dinov2: the batch holds crop-major ``global_crops`` (2B, 3, H, W),
     ``local_crops`` (n_local * B, 3, h, w) and the iBOT ``masks`` (2B, N) drawn by the data workers."""
 
+    mask_shape = BlockMasking  # the iBOT masks the data workers draw for this objective
+    check = staticmethod(check_objective)
+
+    softmax_centers = True  # kept even under Sinkhorn-Knopp: birder's DINOv2 state always holds both centers
+
     def __init__(self, cfg: TrainConfig) -> None:
-        check_objective(cfg)
         super().__init__(cfg)
         o = cfg.objective
-        ibot_k = (o.ibot.head if o.ibot.separate_head else o.dino.head).num_prototypes
-        self.dino_center = SoftmaxCenter(o.dino.head.num_prototypes, o.center_momentum)
-        self.ibot_center = SoftmaxCenter(ibot_k, o.center_momentum)
+        if self.softmax_centers:
+            ibot_k = (o.ibot.head if o.ibot.separate_head else o.dino.head).num_prototypes
+            self.dino_center = SoftmaxCenter(o.dino.head.num_prototypes, o.center_momentum)
+            self.ibot_center = SoftmaxCenter(ibot_k, o.center_momentum)
 
     def build_network(self) -> SSLNetwork:
         o = self.cfg.objective

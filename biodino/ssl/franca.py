@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from biodino.data.masking import CyclicMasking
 from biodino.models import preset_config
 from biodino.ssl.dinov2 import DINOv2Module, check_objective, student_backbone
 from biodino.ssl.losses import SinkhornQueue, sinkhorn_knopp
 from biodino.ssl.matryoshka import MatryoshkaHead
 from biodino.ssl.network import SSLNetwork, freeze_unused
-from biodino.train.config import ConfigError, HeadConfig, TrainConfig
+from biodino.config.schema import ConfigError, HeadConfig, TrainConfig
 
 
 def check_franca(cfg: TrainConfig) -> None:
@@ -19,14 +20,14 @@ def check_franca(cfg: TrainConfig) -> None:
     o = cfg.objective
     if o.centering != "sinkhorn_knopp":
         raise ConfigError(f"objective.centering must be 'sinkhorn_knopp' for Franca, got {o.centering!r}")
-    dim, coarsest = preset_config(cfg.model.preset).dim, 2 ** (o.nesting_levels - 1)
+    dim, coarsest = preset_config(cfg.model.preset).dim, 2 ** (o.franca.nesting_levels - 1)
     if dim % coarsest:
-        raise ConfigError(f"objective.nesting_levels: {o.nesting_levels} levels need an embedding size divisible by "
+        raise ConfigError(f"objective.franca.nesting_levels: {o.franca.nesting_levels} levels need an embedding size divisible by "
                           f"{coarsest}; {cfg.model.preset} has {dim}")
     for key, head in (("dino", o.dino.head), ("ibot", o.ibot.head)):
         if (key == "dino" or o.ibot.separate_head) and head.num_prototypes < coarsest:
             raise ConfigError(f"objective.{key}.head.num_prototypes: {head.num_prototypes} leaves the coarsest of "
-                              f"{o.nesting_levels} levels without prototypes (needs >= {coarsest})")
+                              f"{o.franca.nesting_levels} levels without prototypes (needs >= {coarsest})")
 
 
 def _head(in_dim: int, h: HeadConfig, levels: int) -> MatryoshkaHead:
@@ -36,19 +37,23 @@ def _head(in_dim: int, h: HeadConfig, levels: int) -> MatryoshkaHead:
 class FrancaModule(DINOv2Module):
     """Franca (valeoai/Franca): same batch, crops, EMA, schedules and KoLeo (on the full class token) as DINOv2."""
 
+    mask_shape = CyclicMasking  # inverse-roll masks
+    check = staticmethod(check_franca)
+
+    softmax_centers = False  # Sinkhorn-Knopp only
+
     def __init__(self, cfg: TrainConfig) -> None:
-        check_franca(cfg)
         super().__init__(cfg)
         o = cfg.objective
         self.dino_queue = self.ibot_queue = None
-        if o.sinkhorn_queue_size > 0:
-            self.dino_queue = SinkhornQueue(o.sinkhorn_queue_size, self.student.dino_head.num_prototypes)
-            self.ibot_queue = SinkhornQueue(o.sinkhorn_queue_size, self.student.patch_head.num_prototypes)
+        if o.franca.sinkhorn_queue_size > 0:
+            self.dino_queue = SinkhornQueue(o.franca.sinkhorn_queue_size, self.student.dino_head.num_prototypes)
+            self.ibot_queue = SinkhornQueue(o.franca.sinkhorn_queue_size, self.student.patch_head.num_prototypes)
 
     def build_network(self) -> SSLNetwork:
         o = self.cfg.objective
         backbone = student_backbone(self.cfg)
-        dim, levels = backbone.embed_dim, o.nesting_levels
+        dim, levels = backbone.embed_dim, o.franca.nesting_levels
         ibot_head = _head(dim, o.ibot.head, levels) if o.ibot.separate_head else None
         return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head, levels), ibot_head), o.ibot.weight > 0)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -16,8 +16,7 @@ from biodino.ssl.grad_norm import clip_grad_norm_
 from biodino.ssl.network import SSLNetwork
 from biodino.ssl.param_groups import param_groups
 from biodino.ssl.schedules import Schedules
-from biodino.train.config import TrainConfig
-from biodino.train.sharding import compile_blocks, is_sharded, shard
+from biodino.config.schema import TrainConfig
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,6 +27,7 @@ class SSLModule(L.LightningModule):
     """Owns ``student`` and its EMA ``teacher``; subclasses build the network and compute the losses."""
 
     def __init__(self, cfg: TrainConfig) -> None:
+        self.check(cfg)
         super().__init__()
         self.cfg = cfg
         self.save_hyperparameters({"config": asdict(cfg)})
@@ -37,6 +37,14 @@ class SSLModule(L.LightningModule):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.photometric = Photometric(cfg.crops)
+        # Applied in ``configure_model`` by whoever runs the module (compile, FSDP2): see distributed.sharding.
+        self.parallelize: Optional[Callable[["SSLModule"], None]] = None
+
+    mask_shape: Any  # the iBOT mask generator class (data.masking) the data workers draw for this objective
+
+    @staticmethod
+    def check(cfg: TrainConfig) -> None:
+        """Config errors of this objective that the value ranges cannot tell, raised as ConfigError."""
 
     def build_network(self) -> SSLNetwork:
         raise NotImplementedError
@@ -80,14 +88,9 @@ class SSLModule(L.LightningModule):
                      reduce_fx="sum")
 
     def configure_model(self) -> None:
-        """Per-block ``torch.compile`` if asked; FSDP2 sharding when the strategy provides a device mesh."""
-        if is_sharded(self.student):
-            return
-        if self.cfg.trainer.compile:
-            compile_blocks((self.student, self.teacher))
-        if self.device_mesh is not None:
-            shard(self.student, self.teacher, self.device_mesh["data_parallel"], self.cfg.trainer.fsdp,
-                  self.device.type)
+        """The distribution the runner chose (``self.parallelize``), applied once the device mesh exists."""
+        if self.parallelize is not None:
+            self.parallelize(self)
 
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:

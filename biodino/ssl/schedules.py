@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from biodino.train.config import TrainConfig
+from biodino.config.schema import TrainConfig
 
 
 def cosine(start: float, end: float, step: int, total: int) -> float:

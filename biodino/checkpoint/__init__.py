@@ -1,0 +1,1 @@
+"""Checkpoint formats: safe loading, distributed checkpoints, full weights, checksums, the run directory."""

@@ -1,0 +1,1 @@
+"""The biodino command line."""

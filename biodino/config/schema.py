@@ -1,0 +1,215 @@
+"""The configuration schema: dataclasses that recipes, overrides and every module are checked against.
+
+Defaults are the DINOv2 reference recipe (facebookresearch/dinov2 ``ssl_default_config.yaml``) unless a
+comment says otherwise; recipes in ``configs/`` set the seed models' values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+# The values of enumerated fields, in one place (checks.py checks them; the modules they select import them).
+OBJECTIVES = ("dinov2", "franca")
+CENTERINGS = ("softmax", "sinkhorn_knopp")
+ATTN_BACKENDS = ("sdpa", "xformers")
+STRATEGIES = ("auto", "ddp", "fsdp")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
+DTYPES = ("bfloat16", "float16", "float32")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class ConfigError(ValueError):
+    """A recipe, override or value that does not fit the schema; the message names the key and its source."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vit_tiny_p8"
+    drop_path_rate: Optional[float] = None  # None: the preset's rate
+    layer_scale_init: Optional[float] = None  # None: the preset's; 0 turns LayerScale off
+    attn_backend: str = "sdpa"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class HeadConfig:
+    num_prototypes: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+
+
+@dataclass
+class DinoConfig:
+    weight: float = 1.0
+    head: HeadConfig = field(default_factory=HeadConfig)
+
+
+@dataclass
+class IbotConfig:
+    weight: float = 1.0
+    separate_head: bool = False
+    head: HeadConfig = field(default_factory=HeadConfig)  # used when separate_head
+    mask_sample_probability: float = 0.5
+    mask_ratio_min: float = 0.1
+    mask_ratio_max: float = 0.5
+
+
+@dataclass
+class KoleoConfig:
+    weight: float = 0.1
+
+
+@dataclass
+class FrancaConfig:
+    """What Franca adds to DINOv2's objective."""
+
+    nesting_levels: int = 5  # Matryoshka levels of the heads
+    sinkhorn_queue_size: int = 0  # queued teacher rows per level joining Sinkhorn-Knopp (0: none)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dinov2"
+    centering: str = "softmax"  # "softmax" or "sinkhorn_knopp"
+    sinkhorn_iterations: int = 3
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: float = 30
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    freeze_last_layer_epochs: float = 1
+    franca: "FrancaConfig" = field(default_factory=lambda: FrancaConfig())  # used by objective.name: franca
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    ibot: IbotConfig = field(default_factory=IbotConfig)
+    koleo: KoleoConfig = field(default_factory=KoleoConfig)
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 4e-3  # scaled by sqrt(global batch / 1024)
+    min_lr: float = 1e-6
+    warmup_epochs: float = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    layerwise_decay: float = 1.0
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: Optional[float] = 3.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+
+@dataclass
+class CropsConfig:
+    """Multi-crop augmentation (DINOv2 recipe). Geometry runs in the CPU workers, photometrics on the device."""
+
+    global_size: int = 224
+    local_size: int = 98
+    num_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global crop 1, global crop 2, local crops
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_kernel_size: int = 9
+    # The reference code hands 1 - p to its blur wrapper (global crop 1 never blurred); True reproduces that.
+    blur_reference_inverted: bool = False
+    solarize_p: float = 0.2  # global crop 2 only
+    solarize_threshold: int = 128
+    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # a shard index (*.json, written by `biodino pack`) or a glob of tar shards
+    num_workers: int = 4
+    shards_per_block: int = 4  # shards mixed in each block of a rank's stream (see data/stream.py)
+    pin_memory: bool = True
+
+
+@dataclass
+class ScheduleConfig:
+    """Run length: an epoch is a fixed number of optimizer steps, as in DINOv2 (not a pass over the data)."""
+
+    epochs: int = 100
+    steps_per_epoch: int = 1250
+    batch_size: int = 64  # per device
+    accumulate_grad_batches: int = 1
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+@dataclass
+class FSDPConfig:
+    """``trainer.strategy: fsdp``: FSDP2 over all ranks, one unit per transformer block and per head."""
+
+    param_dtype: Optional[str] = None  # compute dtype of gathered parameters; None: bfloat16 on GPU, float32 on CPU
+    reduce_dtype: str = "float32"  # gradient reduce-scatter dtype
+    reshard_after_forward: bool = True  # False keeps gathered blocks until backward: faster, more memory
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: Optional[str] = None  # None: bf16-mixed on GPU, 32-true on CPU
+    strategy: str = "auto"  # auto | ddp | fsdp
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    compile: bool = False  # torch.compile each transformer block (student and teacher)
+    log_every_n_steps: int = 10
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"  # online | offline | disabled | auto (online when an API key is configured, else offline)
+    project: str = "biodino"
+    group: Optional[str] = None  # the wandb group; a schedule's stages get the schedule's name
+    plots: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class InitConfig:
+    full_weights: Optional[str] = None  # a full-weights file (`biodino export --full`): weights only, fresh optimizer
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    runs_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Images per optimizer step over all ranks: the batch the lr scaling refers to."""
+        s = self.schedule
+        return s.batch_size * s.accumulate_grad_batches * self.trainer.devices * self.trainer.num_nodes

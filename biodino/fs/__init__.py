@@ -1,0 +1,1 @@
+"""Filesystem primitives of the ground floor: atomic, umask-respecting writes."""

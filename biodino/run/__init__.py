@@ -1,0 +1,1 @@
+"""Running a training: the Trainer, callbacks, stages, signals, locks, logging, Slurm scripts."""

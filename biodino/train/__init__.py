@@ -1,1 +1,0 @@
-"""Training: the CLI, configs, Trainer building, checkpoints, import and export."""

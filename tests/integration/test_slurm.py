@@ -1,0 +1,127 @@
+"""`biodino slurm` and training under a real Slurm controller started here (tests/slurm_cluster.py): a 2-node
+FSDP2 job over gloo, and a job preempted with SIGUSR1 that saves, requeues itself and finishes identically."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+from biodino.run.history import read_history
+from biodino.checkpoint.run_dir import RunDir
+from biodino.config.recipe import load_config
+from biodino.run.slurm import Allocation, recipe_args, render
+from tests.slurm_cluster import LocalSlurm, cannot_run_reason
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def directives(script: str) -> dict[str, str]:
+    """``#SBATCH --key=value`` lines as {key: value} (flags map to "")."""
+    found = re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?", script, flags=re.M)
+    return {k: v for k, v in found}
+
+
+def test_the_rendered_script_for_4_nodes_of_8_gpus(tmp_path) -> None:
+    alloc = Allocation(nodes=4, gpus_per_node=8, partition="gpu", time="48:00:00", account="bio")
+    script = render(load_config("tiny"), recipe_args("tiny", ["schedule.batch_size=32"]), alloc, workdir=tmp_path)
+    assert directives(script) == {
+        "job-name": "biodino-tiny", "nodes": "4", "ntasks-per-node": "8", "gpus-per-node": "8",
+        "cpus-per-task": "3", "signal": "USR1@120", "requeue": "", "open-mode": "append", "output": "%x-%j.out",
+        "chdir": str(tmp_path), "partition": "gpu", "time": "48:00:00", "account": "bio"}
+    srun = [line for line in script.splitlines() if line.startswith("srun ")]
+    assert srun == [f"srun --kill-on-bad-exit=1 {sys.executable} -m biodino train tiny schedule.batch_size=32 trainer.num_nodes=4 "
+                    "trainer.devices=8"]
+    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    subprocess.run(["bash", "-n"], input=script, text=True, check=True)  # valid shell
+
+
+def test_the_hand_editable_example_is_valid_shell() -> None:
+    script = (ROOT / "slurm" / "train.sbatch").read_text()
+    assert {"signal", "requeue", "open-mode", "ntasks-per-node"} <= directives(script).keys()
+    subprocess.run(["bash", "-n", str(ROOT / "slurm" / "train.sbatch")], check=True)
+
+
+def test_slurm_cli_refuses_a_bad_key_with_exit_2() -> None:
+    proc = subprocess.run([sys.executable, "-m", "biodino", "slurm", "tiny", "--nodes", "2", "--gpus-per-node", "4",
+                           "trainer.bogus=1"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "bogus" in proc.stderr and proc.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = cannot_run_reason()
+    if reason:
+        pytest.skip(f"no local Slurm cluster: {reason}")
+    slurm = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield slurm
+    slurm.stop()
+
+
+
+def submit(cluster: LocalSlurm, workdir: Path, shards: Path, name: str) -> str:
+    """`biodino slurm --submit` for 2 nodes x 1 CPU task, FSDP2 over gloo, 12 steps."""
+    cmd = [sys.executable, "-m", "biodino", "slurm", "tiny", "--nodes", "2", "--gpus-per-node", "0",
+           "--cpus-per-task", "2", "--submit", f"data.shards={shards}", f"runs_dir={workdir / 'runs'}",
+           f"name={name}", "trainer.strategy=fsdp", "schedule.epochs=3", "schedule.steps_per_epoch=4",
+           "checkpoint.every_n_steps=5"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=cluster.env)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster, tiny_shards, tmp_path) -> None:
+    plain = submit(cluster, tmp_path, tiny_shards, "plain")
+    preempted = submit(cluster, tmp_path, tiny_shards, "preempted")
+    run = RunDir(tmp_path / "runs" / "preempted")
+    deadline = time.time() + 300
+    while len(read_history(run.history)) < 3:
+        assert time.time() < deadline, cluster.job(preempted)
+        time.sleep(0.1)
+    cluster.run("scancel", "--signal=USR1", preempted)
+
+    for job in (plain, preempted):
+        info = cluster.wait(job)
+        assert info["ExitCode"] == "0:0", (info, cluster.logs())
+    assert cluster.job(plain)["Restarts"] == "0"
+    assert cluster.job(preempted)["Restarts"] == "1"
+    log = (tmp_path / f"biodino-preempted-{preempted}.out").read_text()
+    saved = re.search(r"SIGUSR1: saved step (\d+); requeueing job", log)
+    assert saved and 3 <= int(saved.group(1)) < 12, log[-3000:]
+    restored = re.search(r"Restored all states from the checkpoint at \S+/step=(\d+)\.ckpt", log)
+    assert restored and restored.group(1) == f"{int(saved.group(1)):07d}", log[-3000:]  # the save on SIGUSR1
+
+    # (1) the 2-node job trained with FSDP2: its checkpoints hold one shard per rank
+    newest = RunDir(tmp_path / "runs" / "plain").newest_checkpoint()
+    assert newest.name == "step=0000012.ckpt"
+    assert sorted(p.name for p in newest.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    # (2) the requeued run finished all steps with the losses of the uninterrupted one
+    expected, resumed = read_history(tmp_path / "runs" / "plain" / "logs" / "history.jsonl"), read_history(run.history)
+    assert sorted(resumed) == sorted(expected) == list(range(12))
+    for step in range(12):
+        for key in ("loss/total", "loss/dino", "loss/ibot", "loss/koleo"):
+            assert resumed[step][key] == expected[step][key], (step, key)
+
+
+def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, tiny_shards, tmp_path) -> None:
+    """Two stages of the tiny Bio-DINO schedule as a chain: the second job starts only once the first completed."""
+    tiny = ROOT / "configs" / "bio_dino_tiny"
+    schedule = tmp_path / "two_stages.yaml"
+    schedule.write_text(f"name: chain\nstages:\n  - {{name: a, recipe: {tiny / 'stage1.yaml'}}}\n"
+                        f"  - {{name: b, recipe: {tiny / 'stage2.yaml'}}}\n")
+    cmd = [sys.executable, "-m", "biodino", "slurm", str(schedule), "--nodes", "1", "--gpus-per-node", "0",
+           "--cpus-per-task", "1", "--submit", f"data.shards={tiny_shards}", f"runs_dir={tmp_path / 'runs'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=cluster.env)
+    assert proc.returncode == 0, proc.stderr
+    (first, first_name), (second, second_name) = (line.split() for line in proc.stdout.splitlines())
+    assert (first_name, second_name) == ("chain-a", "chain-b")
+    assert cluster.job(second)["Dependency"] == f"afterok:{first}(unfulfilled)"
+    done = [cluster.wait(job) for job in (first, second)]
+    assert done[1]["StartTime"] >= done[0]["EndTime"]  # ISO timestamps order as strings
+    assert (tmp_path / "runs" / "chain-b" / "final.safetensors").is_file()

@@ -1,0 +1,70 @@
+"""Recipes: composition, overrides, and errors that name the key and exit 2 before anything is written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from biodino.cli.main import main
+from biodino.config.recipe import ConfigError, load_config
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_compose_and_overrides_apply_last(tmp_path) -> None:
+    _write(tmp_path / "model" / "small.yaml", "model:\n  preset: vit_tiny_p16\nschedule:\n  batch_size: 7\n")
+    recipe = _write(tmp_path / "r.yaml", "defaults: [model/small]\nschedule:\n  epochs: 3\n")
+    cfg = load_config(str(recipe), ["schedule.epochs=5", "crops.global_scale=[0.4,1.0]"])
+    assert cfg.model.preset == "vit_tiny_p16" and cfg.schedule.batch_size == 7
+    assert cfg.schedule.epochs == 5 and cfg.crops.global_scale == (0.4, 1.0)
+    assert cfg.schedule.total_steps == 5 * 1250
+
+
+def test_shipped_recipes_load() -> None:
+    assert load_config("tiny").model.preset == "vit_tiny_p8"
+
+
+@pytest.mark.parametrize(
+    "recipe,overrides,message",
+    [
+        ("schedule:\n  batch_sise: 3\n", [], r"r.yaml: schedule.batch_sise: Key 'batch_sise' not in 'ScheduleConfig'"),
+        ("schedule:\n  batch_size: many\n", [], r"r.yaml: schedule.batch_size: Value 'many'"),
+        ("name: x\n", ["optim.base_lr=fast"], r"command line: optim.base_lr: Value 'fast'"),
+        ("name: x\n", ["trainer.devicez=2"], r"command line: trainer.devicez"),
+        ("name: x\n", ["schedule.epochs"], r"override 'schedule.epochs' is not key=value"),
+        ("defaults: [nowhere]\n", [], r"defaults entry 'nowhere' not found"),
+        ("schedule: [1, 2\n", [], r"not valid YAML"),
+        ("- a\n- b\n", [], r"a recipe must be a mapping"),
+    ],
+)
+def test_config_errors_name_the_key_and_source(tmp_path, recipe, overrides, message) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(_write(tmp_path / "r.yaml", recipe)), overrides)
+
+
+def test_train_usage_errors_exit_2_and_write_nothing(tmp_path, capsys) -> None:
+    recipe = _write(tmp_path / "r.yaml", "name: r\nschedule:\n  batch_sise: 3\n")
+    cases = [
+        ((str(recipe),), "schedule.batch_sise"),
+        (("tiny",), "data.shards: missing required value"),
+        (("tiny", f"data.shards={tmp_path}/none.json"), "shard index not found"),
+        (("tiny", f"data.shards={tmp_path}/none-*.tar"), "no shards match"),
+        (("nosuchrecipe",), "recipe not found: nosuchrecipe"),
+        (("tiny", "schedule.batch_size=1"), "schedule.batch_size=1: KoLeo"),
+        (("tiny", "objective.name=simclr"), "objective.name: 'simclr' is out of range; must be one of dinov2"),
+        (("tiny", "logging.wandb=sometimes"), "logging.wandb: 'sometimes' is out of range; must be one of auto"),
+    ]
+    for args, message in cases:
+        assert main(["train", *args, f"runs_dir={tmp_path / 'runs'}"]) == 2
+        assert message in capsys.readouterr().err, args
+    assert not (tmp_path / "runs").exists()
+    run = subprocess.run([sys.executable, "-m", "biodino", "train", str(recipe)], capture_output=True, text=True,
+                         cwd=tmp_path)  # the real process exit code
+    assert run.returncode == 2 and "schedule.batch_sise" in run.stderr

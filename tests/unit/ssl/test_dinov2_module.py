@@ -1,0 +1,93 @@
+"""The DINOv2 LightningModule end to end on tiny presets: loss composition, EMA, freezing, a short fit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from biodino.ssl import module as ssl_module
+from biodino.ssl.dinov2 import DINOv2Module
+from biodino.ssl.module import NonFiniteLossError
+from biodino.config.schema import HeadConfig
+from biodino.config.checks import check_ranges
+from tests.synthetic import Recorder, fit, tiny_config
+
+
+def test_total_is_the_weighted_sum_of_its_terms_and_teacher_follows_ema() -> None:
+    cfg = tiny_config()
+    module, rec = DINOv2Module(cfg), Recorder()
+    fit(module, cfg, steps=3, callbacks=[rec])
+    for m in rec.metrics:
+        assert m["loss/total"] == pytest.approx(m["loss/dino"] + m["loss/ibot"] + 0.1 * m["loss/koleo"], rel=1e-5)
+    for step, (before, (student, teacher)) in enumerate(zip(rec.teacher_before, rec.after)):
+        mom = module.schedules.momentum(step)
+        for k in before:
+            torch.testing.assert_close(teacher[k], mom * before[k] + (1 - mom) * student[k], rtol=1e-5, atol=1e-7)
+    assert not module.teacher.training and module.student.training
+
+
+def test_last_layer_is_frozen_for_the_configured_steps() -> None:
+    cfg = tiny_config(objective={"freeze_last_layer_epochs": 0.3})  # 3 of 10 steps per epoch
+    module, rec = DINOv2Module(cfg), Recorder()
+    key = "dino_head.last_layer.parametrizations.weight.original1"
+    initial = module.student.state_dict()[key].clone()
+    fit(module, cfg, steps=5, callbacks=[rec])
+    per_step = [student[key] for student, _ in rec.after]
+    assert all(torch.equal(w, initial) for w in per_step[:3])
+    assert not torch.equal(per_step[3], initial)
+    mlp = "dino_head.mlp.0.weight"
+    assert not torch.equal(rec.after[1][0][mlp], rec.teacher_before[0][mlp])  # the rest trains from step 1 (lr(0) = 0)
+
+
+def test_ema_runs_once_per_optimizer_step_under_accumulation(monkeypatch) -> None:
+    calls = []
+    real = ssl_module.ema_update_
+    monkeypatch.setattr(ssl_module, "ema_update_", lambda t, s, m: (calls.append(m), real(t, s, m)))
+    cfg = tiny_config(schedule={"accumulate_grad_batches": 2})
+    trainer = fit(DINOv2Module(cfg), cfg, steps=3, accumulate=2)
+    assert trainer.global_step == 3 and len(calls) == 3
+
+
+def test_thirty_step_fit_decreases_the_loss() -> None:
+    """Sinkhorn-Knopp targets are equipartitioned from step 0, so the DINO term itself must fall.
+
+    (With softmax centering the DINO term first rises toward log K while the center, starting at 0,
+    catches up with the collapsed LayerScale init; over 30 steps only KoLeo would fall.)
+    """
+    cfg = tiny_config(objective={"centering": "sinkhorn_knopp", "warmup_teacher_temp": 0.04, "teacher_temp": 0.04},
+                      optim={"base_lr": 0.05})
+    cfg.objective.dino.head = HeadConfig(num_prototypes=64, hidden_dim=64, bottleneck_dim=32)
+    module, rec = DINOv2Module(cfg), Recorder()
+    fit(module, cfg, steps=30, callbacks=[rec])
+    total = [m["loss/total"] for m in rec.metrics]
+    dino = [m["loss/dino"] for m in rec.metrics]
+    assert len(total) == 30 and all(torch.isfinite(torch.tensor(total)))
+    assert sum(total[-5:]) / 5 < sum(total[:5]) / 5 - 1.0, total
+    assert sum(dino[-5:]) / 5 < sum(dino[:5]) / 5 - 0.3, dino
+
+
+def test_sinkhorn_centering_with_a_separate_ibot_head_trains() -> None:
+    cfg = tiny_config(objective={"centering": "sinkhorn_knopp"})
+    cfg.objective.ibot.separate_head = True
+    module, rec = DINOv2Module(cfg), Recorder()
+    assert module.student.ibot_head is not None
+    assert module.ibot_center.center.shape[-1] == 128
+    fit(module, cfg, steps=3, callbacks=[rec])
+    assert all(torch.isfinite(torch.tensor(m["loss/ibot"])) for m in rec.metrics)
+
+
+def test_config_errors_name_their_key() -> None:
+    with pytest.raises(ValueError, match=r"schedule.batch_size=1: KoLeo \(objective.koleo.weight=0.1\)"):
+        DINOv2Module(tiny_config(schedule={"batch_size": 1}))
+    with pytest.raises(ValueError, match="objective.centering: 'sinkhorn' is out of range"):
+        check_ranges(tiny_config(objective={"centering": "sinkhorn"}))  # checked with the config, before any module
+    no_koleo = tiny_config(schedule={"batch_size": 1})
+    no_koleo.objective.koleo.weight = 0.0
+    DINOv2Module(no_koleo)  # a batch of 1 is fine without KoLeo
+
+
+def test_non_finite_loss_names_the_step_and_term() -> None:
+    module = DINOv2Module(tiny_config())
+    terms = {"dino": torch.tensor(1.0), "ibot": torch.tensor(float("nan"))}
+    with pytest.raises(NonFiniteLossError, match=r"step 0: ibot"):
+        module.total_loss(terms, {"dino": 1.0, "ibot": 1.0})
