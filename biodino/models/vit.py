@@ -196,6 +196,23 @@ class VisionTransformer(nn.Module):
         self.grid = grid
         self.cfg = ViTConfig(**{**asdict(self.cfg), "image_size": image_size})
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters kept out of weight decay besides biases and norms (timm's convention): the tokens and the
+        position embedding."""
+        return {"class_token", "reg_tokens", "pos_embedding"}
+
+    def layer_id(self, name: str) -> int:
+        """Depth of parameter ``name`` for layer-wise lr decay: 0 the embeddings (patch projection, tokens, position
+        embedding), i + 1 block i, depth + 1 the final norm."""
+        if self.is_patch_embed(name) or name in self.no_weight_decay():
+            return 0
+        if name.startswith("encoder.block."):
+            return int(name.split(".")[2]) + 1
+        return self.cfg.depth + 1
+
+    def is_patch_embed(self, name: str) -> bool:
+        return name.startswith("conv_proj.")
+
     @property
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order: the units that sharding, compilation and layer decay work on."""

@@ -95,7 +95,7 @@ class SSLModule(L.LightningModule):
     # -- optimization --------------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        groups = param_groups(self.student, self.student.backbone.cfg.depth, o.layerwise_decay, o.patch_embed_lr_mult)
+        groups = param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult)
         fused = self.device.type == "cuda" or None
         return torch.optim.AdamW(groups, lr=0.0, betas=(o.beta1, o.beta2), fused=fused)
 

@@ -25,6 +25,10 @@ class SSLNetwork(nn.Module):
         is what lets FSDP gather the root's parameters, the mask token among them."""
         return self.backbone.forward_features(x, masks, self.mask_token)
 
+    def no_weight_decay(self) -> set[str]:
+        """The network's own token (layer 0 of the layer-wise decay, like the backbone's tokens)."""
+        return {"mask_token"}
+
     def sharding_units(self) -> list[nn.Module]:
         """What FSDP wraps separately, inner first: every block, then each head (the network itself is the root)."""
         return [*self.backbone.blocks, self.dino_head, *([self.ibot_head] if self.ibot_head is not None else [])]

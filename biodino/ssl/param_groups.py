@@ -1,15 +1,12 @@
-"""Optimizer parameter groups: weight-decay exclusions, layer-wise lr decay, patch-embed lr, last layers."""
+"""Optimizer parameter groups: weight-decay exclusions, layer-wise lr decay, patch-embed lr, last layers, from the
+structure the backbone and the network publish (``no_weight_decay``, ``layer_id``, ``is_patch_embed``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 from torch import nn
-
-# Parameters placed at layer 0 of the layer-wise decay and excluded from weight decay.
-EMBEDDING_PARAMS = ("conv_proj.", "class_token", "reg_tokens", "pos_embedding", "mask_token")
-NO_DECAY_PARAMS = ("class_token", "reg_tokens", "pos_embedding", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -21,30 +18,25 @@ class ParamRule:
     last_layer: bool
 
 
-def param_rule(name: str, ndim: int, depth: int, layer_decay: float, patch_embed_lr_mult: float) -> ParamRule:
+def param_rule(name: str, ndim: int, network: Any, layer_decay: float, patch_embed_lr_mult: float) -> ParamRule:
     """The rule for a student parameter named as in ``SSLNetwork`` (``backbone.*``, ``*_head.*``, ``mask_token``)."""
+    backbone, depth = network.backbone, network.backbone.cfg.depth
     local = name.removeprefix("backbone.")
-    in_backbone = local != name or name == "mask_token"
-    if not in_backbone:
-        layer_id = depth + 1  # heads: full lr
-    elif local.startswith(EMBEDDING_PARAMS):
-        layer_id = 0
-    elif local.startswith("encoder.block."):
-        layer_id = int(local.split(".")[2]) + 1
+    if local != name:
+        layer_id, no_decay, patch = backbone.layer_id(local), local in backbone.no_weight_decay(), backbone.is_patch_embed(local)
     else:
-        layer_id = depth + 1  # final norm
-    lr_mult = layer_decay ** (depth + 1 - layer_id)
-    if local.startswith("conv_proj."):
-        lr_mult *= patch_embed_lr_mult
-    no_decay = ndim <= 1 or local.startswith(NO_DECAY_PARAMS)
+        no_decay = name in network.no_weight_decay()
+        layer_id, patch = (0 if no_decay else depth + 1), False  # its tokens: layer 0; heads: full lr
+    lr_mult = layer_decay ** (depth + 1 - layer_id) * (patch_embed_lr_mult if patch else 1.0)
+    no_decay = no_decay or ndim <= 1
     return ParamRule(lr_mult=lr_mult, wd_mult=0.0 if no_decay else 1.0, last_layer=".last_layer." in f".{name}")
 
 
-def param_groups(student: nn.Module, depth: int, layer_decay: float, patch_embed_lr_mult: float) -> list[dict]:
+def param_groups(student: nn.Module, layer_decay: float, patch_embed_lr_mult: float) -> list[dict]:
     """Trainable student parameters grouped by identical rules; each group carries its rule's fields."""
     groups: dict[ParamRule, list[nn.Parameter]] = {}
     for name, p in _trainable(student):
-        rule = param_rule(name, p.ndim, depth, layer_decay, patch_embed_lr_mult)
+        rule = param_rule(name, p.ndim, student, layer_decay, patch_embed_lr_mult)
         groups.setdefault(rule, []).append(p)
     return [{"params": ps, "lr_mult": r.lr_mult, "wd_mult": r.wd_mult, "last_layer": r.last_layer}
             for r, ps in groups.items()]

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from biodino.ssl.matryoshka import MatryoshkaHead, nesting_dims
+from biodino.models import build_backbone
+from biodino.ssl.network import SSLNetwork
 from biodino.ssl.param_groups import param_rule
 
 ref = pytest.importorskip("birder.net.ssl.franca")  # dev extra: always present in CI
@@ -83,7 +85,9 @@ def test_gradients_reach_a_feature_band_only_from_its_level_and_finer() -> None:
 def test_last_layers_are_named_for_the_optimizer_freeze() -> None:
     head = MatryoshkaHead(**SMALL)
     names = [f"dino_head.{n}" for n, _ in head.named_parameters()]
-    frozen = [n for n in names if param_rule(n, 2, 12, 1.0, 1.0).last_layer]
+    with torch.device("meta"):
+        network = SSLNetwork(build_backbone("vit_tiny_p8"), head, None)
+    frozen = [n for n in names if param_rule(n, 2, network, 1.0, 1.0).last_layer]
     assert len(frozen) == 2 * SMALL["levels"]  # weight-norm gain and direction per level
     assert all(".parametrizations.weight.original" in n for n in frozen)
     for level in head.levels:  # gain starts at 1 and is trainable

@@ -89,6 +89,15 @@ def test_ema_moves_teacher_by_one_minus_momentum_of_the_difference() -> None:
         torch.testing.assert_close(new - old, 0.01 * (st - old))
 
 
+def _tiny_network():
+    from biodino.models import build_backbone
+    from biodino.ssl.heads import DINOHead
+    from biodino.ssl.network import SSLNetwork
+
+    with torch.device("meta"):
+        return SSLNetwork(build_backbone("vit_tiny_p8"), DINOHead(96, 16, 32, 8), None)
+
+
 @pytest.mark.parametrize(
     "name,ndim,lr_mult,wd_mult,last",
     [
@@ -108,5 +117,5 @@ def test_ema_moves_teacher_by_one_minus_momentum_of_the_difference() -> None:
     ],
 )
 def test_param_rules(name: str, ndim: int, lr_mult: float, wd_mult: float, last: bool) -> None:
-    rule = param_rule(name, ndim, depth=4, layer_decay=0.9, patch_embed_lr_mult=0.2)
+    rule = param_rule(name, ndim, _tiny_network(), layer_decay=0.9, patch_embed_lr_mult=0.2)  # depth 4
     assert rule.lr_mult == pytest.approx(lr_mult) and rule.wd_mult == wd_mult and rule.last_layer == last
