@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
 
 from biodino.checkpoint import dcp
-from biodino.fs.atomic import DiskFullError, is_disk_full
+from biodino.fs.atomic import DiskFullError, fsync_dir, is_disk_full, temporary_name
 from biodino.checkpoint.integrity import write_sums
 
 
@@ -38,7 +38,7 @@ class ShardedStrategy(ModelParallelStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         path = Path(self.broadcast(str(filepath)))
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = temporary_name(path)
         if self.is_global_zero and tmp.exists():
             shutil.rmtree(tmp)
         self.barrier("checkpoint_tmp_clean")
@@ -51,12 +51,27 @@ class ShardedStrategy(ModelParallelStrategy):
                 raise DiskFullError(path) from None
             raise
         self.barrier("checkpoint_written")
-        if self.is_global_zero:
+        failure = self.broadcast(self._finish_on_rank_zero(tmp, path))  # every rank learns how rank 0 fared
+        if failure == "disk full":
+            raise DiskFullError(path)
+        if failure:
+            raise RuntimeError(f"finishing checkpoint {path} failed on rank 0: {failure}")
+
+    def _finish_on_rank_zero(self, tmp: Path, path: Path) -> Optional[str]:
+        """Checksums, then the rename into place; on failure the partial directory is removed and the reason
+        returned (raising here would leave the other ranks waiting in the next collective)."""
+        if not self.is_global_zero:
+            return None
+        try:
             write_sums(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
-        self.barrier("checkpoint_renamed")
+            fsync_dir(path.parent)
+        except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return "disk full" if is_disk_full(err) else f"{type(err).__name__}: {err}"
+        return None
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
