@@ -79,6 +79,8 @@ def load_tensors(module: torch.nn.Module, state: dict[str, torch.Tensor], path: 
         raise CheckpointError(f"{path} does not fit the recipe's model: {wrong[0]} has shape "
                               f"{tuple(state[wrong[0]].shape)}, the model's is {tuple(expected[wrong[0]].shape)} "
                               f"({len(wrong)} mismatching tensors)")
+    unused_centers = [k for k in CENTERS if k in state and k not in expected]  # Franca files of earlier versions
+    state = {k: v for k, v in state.items() if k not in unused_centers}
     missing, unexpected = module.load_state_dict(state, strict=False)
     missing = [k for k in missing if k.startswith(("student.", "teacher.")) or k in CENTERS]
     if missing or unexpected:

@@ -58,7 +58,25 @@ def _layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[dict[str, Any
             raise ConfigError(f"{path}: defaults entry {name!r} not found next to it or among the shipped recipes "
                               f"({configs_dir()})")
         layers += _layers(base, (*seen, path))
-    return layers + [(doc, path)]
+    return layers + [(upgrade(doc), path)]
+
+
+# Keys of earlier biodino versions and where they live now, so configs stored in run directories and checkpoints
+# (and older recipes) still load.
+MOVED_KEYS = {("objective", "nesting_levels"): ("objective", "franca", "nesting_levels"),
+              ("objective", "sinkhorn_queue_size"): ("objective", "franca", "sinkhorn_queue_size")}
+
+
+def upgrade(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with moved keys under their current names (a copy when anything moved)."""
+    moved = [(old, new) for old, new in MOVED_KEYS.items() if old[-1] in (doc.get(old[0]) or {})]
+    if not moved:
+        return doc
+    doc = {**doc, "objective": dict(doc["objective"])}
+    for (section, key), (_, sub, new_key) in moved:
+        value = doc[section].pop(key)
+        doc[section][sub] = {**(doc[section].get(sub) or {}), new_key: value}
+    return doc
 
 
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
@@ -98,4 +116,4 @@ def to_yaml(cfg: TrainConfig) -> str:
 
 def config_from_dict(values: dict[str, Any], source: str) -> TrainConfig:
     """A config stored in a checkpoint or file metadata, checked against today's schema."""
-    return OmegaConf.to_object(_merge(OmegaConf.structured(TrainConfig), values, source))
+    return OmegaConf.to_object(_merge(OmegaConf.structured(TrainConfig), upgrade(values), source))

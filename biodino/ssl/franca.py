@@ -50,6 +50,11 @@ class FrancaModule(DINOv2Module):
             self.dino_queue = SinkhornQueue(o.franca.sinkhorn_queue_size, self.student.dino_head.num_prototypes)
             self.ibot_queue = SinkhornQueue(o.franca.sinkhorn_queue_size, self.student.patch_head.num_prototypes)
 
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints of earlier versions carry DINOv2's softmax centers, which Franca never used."""
+        for key in ("dino_center.center", "ibot_center.center"):
+            checkpoint["state_dict"].pop(key, None)
+
     def build_network(self) -> SSLNetwork:
         o = self.cfg.objective
         backbone = student_backbone(self.cfg)

@@ -68,3 +68,19 @@ def test_train_usage_errors_exit_2_and_write_nothing(tmp_path, capsys) -> None:
     run = subprocess.run([sys.executable, "-m", "biodino", "train", str(recipe)], capture_output=True, text=True,
                          cwd=tmp_path)  # the real process exit code
     assert run.returncode == 2 and "schedule.batch_sise" in run.stderr
+
+
+def test_configs_of_earlier_versions_load_with_moved_keys(tmp_path) -> None:
+    """Run directories and checkpoints written before Franca's settings moved to objective.franca still load."""
+    from dataclasses import asdict
+
+    from biodino.config.recipe import config_from_dict
+
+    old = asdict(load_config("franca_bioscan5m"))
+    old["objective"].update(old["objective"].pop("franca"))  # the flat layout of earlier versions
+    assert config_from_dict(old, "checkpoint").objective.franca.nesting_levels == 4
+    import yaml
+
+    recipe = _write(tmp_path / "old.yaml", yaml.safe_dump(old))
+    cfg = load_config(str(recipe))
+    assert (cfg.objective.franca.nesting_levels, cfg.objective.franca.sinkhorn_queue_size) == (4, 1280)

@@ -133,3 +133,18 @@ def test_the_bioscan_recipe_trains_with_tiny_overrides(tmp_path) -> None:
             f"data.shards={tmp_path / 'shards' / 's.json'}", f"runs_dir={tmp_path / 'runs'}"]
     assert main(["train", str(configs_dir() / "franca_bioscan5m.yaml"), *tiny]) == 0
     assert RunDir(tmp_path / "runs" / "franca_bioscan5m").newest_checkpoint().name == "step=0000003.ckpt"
+
+
+def test_franca_weights_of_earlier_versions_with_softmax_centers_still_load(tmp_path) -> None:
+    from biodino.checkpoint.full_weights import load_tensors
+
+    module = FrancaModule(_franca_config())
+    assert not any("center" in k for k in module.state_dict())  # Franca's targets are Sinkhorn-Knopp only
+    old = {**module.state_dict(), "dino_center.center": torch.zeros(1, 64), "ibot_center.center": torch.zeros(1, 64)}
+    fresh = FrancaModule(_franca_config())
+    load_tensors(fresh, old, tmp_path / "old.safetensors")
+    torch.testing.assert_close(fresh.teacher.dino_head.levels[0].proj.weight,
+                               module.teacher.dino_head.levels[0].proj.weight)
+    checkpoint = {"state_dict": dict(old)}
+    fresh.on_load_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == set(module.state_dict())
