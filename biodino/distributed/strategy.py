@@ -44,10 +44,10 @@ class ShardedStrategy(ModelParallelStrategy):
         self.barrier("checkpoint_tmp_clean")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-        except Exception as err:  # every rank raises: DCP gathers the ranks' write errors
+        except BaseException as err:  # every rank raises DCP's CheckpointException (a BaseException) for any rank's error
             if self.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
-            if is_disk_full(err) or "No space left" in str(err):
+            if is_disk_full(err, path.parent):
                 raise DiskFullError(path) from None
             raise
         self.barrier("checkpoint_written")
@@ -70,7 +70,7 @@ class ShardedStrategy(ModelParallelStrategy):
             fsync_dir(path.parent)
         except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            return "disk full" if is_disk_full(err) else f"{type(err).__name__}: {err}"
+            return "disk full" if is_disk_full(err, path.parent) else f"{type(err).__name__}: {err}"
         return None
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:

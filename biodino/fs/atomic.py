@@ -27,15 +27,25 @@ class DiskFullError(OSError):
         return f"no space left on device: {self.path}"
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether ``err`` or anything in its chain is ENOSPC (torch's writer wraps it in a RuntimeError)."""
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full disk
+
+
+def is_disk_full(err: BaseException, directory: Optional[Path] = None) -> bool:
+    """Whether ``err`` or anything in its chain is ENOSPC (torch's writer wraps it in a RuntimeError), or, when
+    the chain lost it (torch's distributed checkpoint re-raises only the ranks' tracebacks as text), whether
+    ``directory``'s filesystem has under 1 MiB free right after the failure."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         err = err.__cause__ or err.__context__
-    return False
+    if directory is None:
+        return False
+    try:
+        return shutil.disk_usage(directory).free < FULL_BELOW
+    except OSError:
+        return False
 
 
 def umask_mode(base: int = 0o666) -> int:
@@ -74,7 +84,7 @@ def failing_cleanly(path: Path, partial: Path) -> Iterator[None]:
             shutil.rmtree(partial, ignore_errors=True)
         else:
             partial.unlink(missing_ok=True)
-        if is_disk_full(err):
+        if is_disk_full(err, path.parent):
             raise DiskFullError(path) from None
         raise
 

@@ -212,3 +212,25 @@ def test_a_schedule_logs_each_stage_to_its_own_wandb_run(tiny_shards, tmp_path) 
         assert [p.name.rsplit("-", 1)[1] for p in offline] == [run_id], stage  # its own run, in its own directory
         ids.append(run_id)
     assert ids[0] != ids[1]
+
+
+def test_a_full_disk_during_a_sharded_save_fails_cleanly_on_every_rank(tiny_shards, small_disk) -> None:
+    """Two FSDP2 ranks over gloo: torch's distributed checkpoint re-raises the ranks' write errors as text, so the
+    full disk is recognized by the free space left; no rank hangs and the partial directory is removed."""
+    run = RunDir(small_disk / "sharded")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "biodino", "train", "tiny",
+            f"data.shards={tiny_shards}", f"runs_dir={small_disk}", "name=sharded", "trainer.strategy=fsdp",
+            "trainer.devices=2", *RUN, "checkpoint.every_n_steps=2", "logging.plots=false"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(proc, lambda: (run.checkpoints / "step=0000002.ckpt").is_dir())
+    with open(small_disk / "filler", "wb") as f:
+        f.write(b"\0" * (shutil.disk_usage(small_disk).free - 600 * 1024))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("biodino train: error:")]
+    assert len(errors) == 2 and all("no space left on device: " + str(run.checkpoints) in e for e in errors), err[-3000:]
+    assert not list(run.checkpoints.glob(".*")), "a partial checkpoint directory was left behind"
+    kept = run.checkpoints_newest_first()
+    assert kept[0].name in {"step=0000002.ckpt", "step=0000004.ckpt"}
+    for ckpt in kept:
+        verify(ckpt)
