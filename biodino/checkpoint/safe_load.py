@@ -54,5 +54,6 @@ def load_exactly(module: torch.nn.Module, tensors: dict[str, torch.Tensor], sour
                               f"{tuple(expected[k].shape)} ({len(shapes)} mismatching tensors)")
     missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{source} does not fit {what}: missing {listed(missing)}; unexpected {listed(unexpected)}")
+        raise CheckpointError(f"{source} does not fit {what}: missing {listed(missing)}; "
+                              f"unexpected {listed(unexpected)}")
     module.load_state_dict(tensors)

@@ -26,7 +26,8 @@ def positive() -> Check:
 
 
 def within(lo: float, hi: float, hi_open: bool = False) -> Check:
-    return ((lambda v: lo <= v < hi) if hi_open else (lambda v: lo <= v <= hi), f"in [{lo}, {hi}{')' if hi_open else ']'}")
+    pred = (lambda v: lo <= v < hi) if hi_open else (lambda v: lo <= v <= hi)
+    return pred, f"in [{lo}, {hi}{')' if hi_open else ']'}"
 
 
 def probability() -> Check:

@@ -44,7 +44,7 @@ class ShardedStrategy(ModelParallelStrategy):
         self.barrier("checkpoint_tmp_clean")
         try:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-        except BaseException as err:  # every rank raises DCP's CheckpointException (a BaseException) for any rank's error
+        except BaseException as err:  # DCP raises CheckpointException (a BaseException) on every rank for any error
             if self.is_global_zero:
                 shutil.rmtree(tmp, ignore_errors=True)
             if is_disk_full(err, path.parent):

@@ -75,7 +75,8 @@ class History(L.Callback):
         record.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.table is not None and (record["step"] % self.csv_every == 0 or trainer.global_step == trainer.max_steps):
+        last = trainer.global_step == trainer.max_steps
+        if self.table is not None and (record["step"] % self.csv_every == 0 or last):
             self.table.append({**record, "epoch": trainer.current_epoch})
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

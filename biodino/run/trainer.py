@@ -120,9 +120,9 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
                      strategy=build_strategy(cfg.trainer.strategy), precision=precision(cfg),
                      max_steps=s.total_steps, max_epochs=s.epochs, limit_train_batches=s.steps_per_epoch
                      * s.accumulate_grad_batches, accumulate_grad_batches=s.accumulate_grad_batches,
-                     callbacks=callbacks, logger=loggers(cfg, run) or False, log_every_n_steps=cfg.trainer.log_every_n_steps,
-                     default_root_dir=str(run.root), num_sanity_val_steps=0, use_distributed_sampler=False,
-                     plugins=plugins)
+                     callbacks=callbacks, logger=loggers(cfg, run) or False,
+                     log_every_n_steps=cfg.trainer.log_every_n_steps, default_root_dir=str(run.root),
+                     num_sanity_val_steps=0, use_distributed_sampler=False, plugins=plugins)
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -132,11 +132,11 @@ def train(cfg: TrainConfig) -> RunResult:
     rank0 = rank_zero_only.rank == 0  # known from RANK / SLURM_PROCID before the process group exists
     with run_lock(run.lock) if rank0 else nullcontext():
         if rank0:
-            check_compatible(run, cfg)
-            run.create()
+            check_compatible(run, cfg)  # before anything of the run directory is touched
+        run.create()
+        if rank0:
             remove_partial(run.checkpoints)
             atomic_write_text(run.config, to_yaml(cfg))
-        run.create()
         resume: Optional[Path] = resumable_checkpoint(run)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         module = build_module(cfg)

@@ -22,8 +22,8 @@ def check_franca(cfg: TrainConfig) -> None:
         raise ConfigError(f"objective.centering must be 'sinkhorn_knopp' for Franca, got {o.centering!r}")
     dim, coarsest = preset_config(cfg.model.preset).dim, 2 ** (o.franca.nesting_levels - 1)
     if dim % coarsest:
-        raise ConfigError(f"objective.franca.nesting_levels: {o.franca.nesting_levels} levels need an embedding size divisible by "
-                          f"{coarsest}; {cfg.model.preset} has {dim}")
+        raise ConfigError(f"objective.franca.nesting_levels: {o.franca.nesting_levels} levels need an embedding size "
+                          f"divisible by {coarsest}; {cfg.model.preset} has {dim}")
     for key, head in (("dino", o.dino.head), ("ibot", o.ibot.head)):
         if (key == "dino" or o.ibot.separate_head) and head.num_prototypes < coarsest:
             raise ConfigError(f"objective.{key}.head.num_prototypes: {head.num_prototypes} leaves the coarsest of "
