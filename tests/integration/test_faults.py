@@ -227,8 +227,8 @@ def test_a_full_disk_during_a_sharded_save_fails_cleanly_on_every_rank(tiny_shar
         f.write(b"\0" * (shutil.disk_usage(small_disk).free - 600 * 1024))
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    errors = [line for line in err.splitlines() if line.startswith("biodino train: error:")]
-    assert len(errors) == 2 and all("no space left on device: " + str(run.checkpoints) in e for e in errors), err[-3000:]
+    # one line per rank; the two ranks write to one pipe, so their lines may run together
+    assert err.count(f"biodino train: error: no space left on device: {run.checkpoints}/") == 2, err[-3000:]
     assert not list(run.checkpoints.glob(".*")), "a partial checkpoint directory was left behind"
     kept = run.checkpoints_newest_first()
     assert kept[0].name in {"step=0000002.ckpt", "step=0000004.ckpt"}
