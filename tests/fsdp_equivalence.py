@@ -43,8 +43,8 @@ class Losses(L.Callback):
         self.steps: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
-        self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items()
-                           if k.startswith("loss/") or k == "grad_norm"})
+        self.steps.extend({k: v for k, v in m.items() if k.startswith("loss/") or k == "grad_norm"}
+                          for m in module.step_metrics.read().values())
 
 
 def main(out: Path, strategy: str, overrides: list[str]) -> None:

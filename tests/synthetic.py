@@ -95,7 +95,8 @@ class Recorder(L.Callback):
         self.teacher_before.append({k: v.clone() for k, v in pl_module.teacher.state_dict().items()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:  # one record per optimizer step
+            self.metrics.extend(pl_module.step_metrics.read().values())
         self.after.append(({k: v.clone() for k, v in pl_module.student.state_dict().items()},
                            {k: v.clone() for k, v in pl_module.teacher.state_dict().items()}))
         assert all(p.grad is None and not p.requires_grad for p in pl_module.teacher.parameters())

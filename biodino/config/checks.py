@@ -105,7 +105,7 @@ RULES: dict[str, Check] = {
     "trainer.accelerator": one_of(ACCELERATORS), "trainer.devices": at_least(1), "trainer.num_nodes": at_least(1),
     "trainer.precision": optional(one_of(PRECISIONS)), "trainer.strategy": one_of(STRATEGIES),
     "trainer.fsdp.param_dtype": optional(one_of(DTYPES)), "trainer.fsdp.reduce_dtype": one_of(DTYPES),
-    "trainer.log_every_n_steps": at_least(1),
+    "trainer.log_every_n_steps": at_least(1), "trainer.compile_backend": non_empty(),
     "logging.wandb": one_of(WANDB_MODES), "logging.project": non_empty(),
     "checkpoint.every_n_steps": at_least(1), "checkpoint.keep_last": at_least(1),
 }

@@ -170,6 +170,7 @@ class TrainerConfig:
     strategy: str = "auto"  # auto | ddp | fsdp
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     compile: bool = False  # torch.compile each transformer block (student and teacher)
+    compile_backend: str = "inductor"  # a torch.compile backend name (e.g. aot_eager to debug a compiled run)
     log_every_n_steps: int = 10
 
 

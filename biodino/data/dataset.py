@@ -17,7 +17,7 @@ from biodino.data.multicrop import MultiCrop
 from biodino.data.shard_index import Shard
 from biodino.data.stream import BATCH_MASKS, SAMPLE_AUGMENT, SampleStream, derived_seed
 from biodino.data.tar_reader import TarShard
-from biodino.data.masking import MaskSampler
+from biodino.data.masking import MaskSampler, masked_positions
 from biodino.config.schema import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,12 @@ class MultiCropBatches(IterableDataset):
             corrupt += skipped
         rng = random.Random(derived_seed(self.cfg.seed, self.rank, BATCH_MASKS, m))
         batch = collate_crops(samples)
-        batch["masks"] = self.mask_sampler(batch["global_crops"].shape[0], rng)
-        batch["batch_index"] = torch.tensor(m)
-        batch["corrupt"] = torch.tensor(corrupt)
+        n_crops = batch["global_crops"].shape[0]
+        batch["masks"] = self.mask_sampler(n_crops, rng)
+        batch["mask_indices"], batch["mask_weights"] = masked_positions(batch["masks"],
+                                                                        self.mask_sampler.capacity(n_crops))
+        batch["batch_index"] = m  # ints, not tensors: read on the host, never copied to the device
+        batch["corrupt"] = corrupt
         return batch
 
     def _sample(self, position: int) -> tuple[dict[str, list[torch.Tensor]], int]:

@@ -68,11 +68,21 @@ class MaskSampler:
         self.probability = probability
         self.ratios = (ratio_min, ratio_max)
 
+    def _edges(self, n_masked: int) -> list[float]:
+        lo, hi = self.ratios
+        return [lo + (hi - lo) * i / n_masked for i in range(n_masked + 1)] if n_masked else []
+
+    def capacity(self, n_crops: int) -> int:
+        """The most patches the masks of ``n_crops`` crops can hold: each masked crop's bin's upper ratio. A fixed
+        bound, so the masked-token buffers keep one shape for the whole run (no recompiles, no syncs)."""
+        n_masked = int(n_crops * self.probability)
+        edges = self._edges(n_masked)
+        return sum(int(self.num_patches * edges[i + 1]) for i in range(n_masked))
+
     def __call__(self, n_crops: int, rng: random.Random) -> torch.Tensor:
         """(n_crops, num_patches) bool."""
         n_masked = int(n_crops * self.probability)
-        lo, hi = self.ratios
-        edges = [lo + (hi - lo) * i / n_masked for i in range(n_masked + 1)] if n_masked else []
+        edges = self._edges(n_masked)
         masks = [self.generator(int(self.num_patches * rng.uniform(edges[i], edges[i + 1])), rng)
                  for i in range(n_masked)]
         masks += [torch.zeros(self.num_patches, dtype=torch.bool) for _ in range(n_crops - n_masked)]
@@ -125,3 +135,18 @@ class CyclicMasking:
         h = min(self.height, math.ceil(math.sqrt(visible * aspect)))
         w = min(self.width, max(math.ceil(math.sqrt(visible / aspect)), -(-visible // h)))
         return min(self.height, max(h, -(-visible // w))), w
+
+
+def masked_positions(masks: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the masked patches of (n, N) ``masks`` are, as flat indices into (n * N) patch tokens padded to
+    ``capacity`` (raised to the count if the masks hold more), and each one's iBOT weight: 1 / (masked patches of
+    its image), 0 for the padding. Built on the CPU with the batch, so the device gathers a fixed number of tokens
+    with ``index_select`` instead of boolean indexing, which would wait for the device to count them."""
+    flat = masks.flatten().nonzero().squeeze(1)
+    per_image = masks.sum(dim=1, dtype=torch.float32).clamp_min(1.0).reciprocal()
+    size = max(capacity, flat.numel())
+    indices = torch.zeros(size, dtype=torch.long)
+    weights = torch.zeros(size, dtype=torch.float32)
+    indices[: flat.numel()] = flat
+    weights[: flat.numel()] = per_image[flat // masks.shape[1]]
+    return indices, weights

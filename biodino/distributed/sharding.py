@@ -38,11 +38,14 @@ def is_sharded(net: SSLNetwork) -> bool:
     return isinstance(net, FSDPModule)
 
 
-def compile_blocks(networks: Iterable[SSLNetwork]) -> None:
-    """``torch.compile`` each transformer block in place (before sharding, as FSDP2 expects)."""
+def compile_blocks(networks: Iterable[SSLNetwork], backend: str = "inductor") -> None:
+    """``torch.compile`` each transformer block in place (before sharding, as FSDP2 expects).
+
+    All blocks share one compiled code: their stochastic-depth rates are tensors, not constants, and one call of a
+    block serves every crop size, so student blocks compile once (training) and teacher blocks once (no grad)."""
     for net in networks:
         for block in net.backbone.blocks:
-            block.compile()
+            block.compile(backend=backend)
 
 
 def parallelize(module: Any, cfg: TrainerConfig) -> None:
@@ -51,6 +54,6 @@ def parallelize(module: Any, cfg: TrainerConfig) -> None:
     if is_sharded(module.student):
         return
     if cfg.compile:
-        compile_blocks((module.student, module.teacher))
+        compile_blocks((module.student, module.teacher), cfg.compile_backend)
     if module.device_mesh is not None:
         shard(module.student, module.teacher, module.device_mesh["data_parallel"], cfg.fsdp, module.device.type)

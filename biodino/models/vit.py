@@ -9,14 +9,14 @@ so its releases load without remapping and our exports load into it. Tokens are 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision.ops import MLP, StochasticDepth
+from torchvision.ops import MLP
 
-from biodino.models.attention import Attention, AttentionBackend
+from biodino.models.attention import Attention, AttentionBackend, Shapes
 from biodino.models.pos_embed import resize_pos_embed
 
 
@@ -58,8 +58,37 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+class DropPath(nn.Module):
+    """Stochastic depth per image ("row" mode): drops a residual branch with probability ``p`` and scales the kept
+    ones by 1 / (1 - p). The rate is a tensor, so every block runs the same compiled code whatever its rate."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.register_buffer("survival", torch.tensor(1.0 - p), persistent=False)
+
+    def forward(self, x: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+        """``x`` (T, C): the flat tokens of the groups in ``shapes``; one draw per image."""
+        if not self.training:
+            return x
+        images = x.new_empty(sum(b for b, _ in shapes)).bernoulli_(self.survival).div_(self.survival)
+        per_image = images.split([b for b, _ in shapes])
+        per_token = [keep.unsqueeze(1).expand(b, n).reshape(-1) for keep, (b, n) in zip(per_image, shapes)]
+        return x * (per_token[0] if len(per_token) == 1 else torch.cat(per_token)).unsqueeze(1)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """The rate is not in state dicts: refill it, for modules built on the meta device and then loaded."""
+        with torch.no_grad():
+            self.survival.fill_(1.0 - self.p)
+        super()._load_from_state_dict(*args, **kwargs)
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: ``x + drop_path(ls(attn(norm(x))))``, then the same for the MLP."""
+    """Pre-norm transformer block: ``x + drop_path(ls(attn(norm(x))))``, then the same for the MLP.
+
+    It works on flat tokens (T, C) of one or more groups of images (``shapes``): one pass of the block serves the
+    global and the local crops together, so a sharded block is gathered once for both.
+    """
 
     def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
         super().__init__()
@@ -70,15 +99,15 @@ class Block(nn.Module):
         # torchvision's MLP: Linear (mlp.0), GELU, Dropout, Linear (mlp.3), Dropout.
         self.mlp = MLP(cfg.dim, [cfg.mlp_dim, cfg.dim], activation_layer=nn.GELU, inplace=None, dropout=0.0)
         self.layer_scale_2 = self._layer_scale(cfg)
-        self.drop_path = StochasticDepth(drop_path, mode="row")
+        self.drop_path = DropPath(drop_path)
 
     @staticmethod
     def _layer_scale(cfg: ViTConfig) -> nn.Module:
         return nn.Identity() if cfg.layer_scale_init is None else LayerScale(cfg.dim, cfg.layer_scale_init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.layer_scale_1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.layer_scale_2(self.mlp(self.norm2(x))))
+    def forward(self, x: torch.Tensor, shapes: Shapes) -> torch.Tensor:
+        x = x + self.drop_path(self.layer_scale_1(self.attn(self.norm1(x), shapes)), shapes)
+        return x + self.drop_path(self.layer_scale_2(self.mlp(self.norm2(x))), shapes)
 
 
 class Encoder(nn.Module):
@@ -90,12 +119,12 @@ class Encoder(nn.Module):
         self.block = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.grad_checkpointing = cfg.grad_checkpointing
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shapes: Shapes) -> torch.Tensor:
         for blk in self.block:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint(blk, x, shapes, use_reentrant=False)
             else:
-                x = blk(x)
+                x = blk(x, shapes)
         return x
 
 
@@ -167,10 +196,22 @@ class VisionTransformer(nn.Module):
     ) -> BackboneOutput:
         """Final-normalized class, register and patch tokens; ``masks`` (B, N) bool selects patches
         whose embedding is replaced by ``mask_token`` (C,) before the position embedding (iBOT)."""
-        tokens, _ = self._tokens(x, masks, mask_token)
-        tokens = self.norm(self.encoder(tokens))
+        return self.forward_features_list([x], [masks], mask_token)[0]
+
+    def forward_features_list(self, xs: list[torch.Tensor], masks: list[Optional[torch.Tensor]],
+                              mask_token: Optional[torch.Tensor] = None) -> list[BackboneOutput]:
+        """``forward_features`` of several batches (e.g. global and local crops) in one pass of the blocks:
+        the tokens of all of them are concatenated, and attention runs within each batch."""
+        tokens = [self._tokens(x, m, mask_token)[0] for x, m in zip(xs, masks)]
+        shapes = tuple((t.shape[0], t.shape[1]) for t in tokens)
+        flat = torch.cat([t.flatten(0, 1) for t in tokens]) if len(tokens) > 1 else tokens[0].flatten(0, 1)
+        flat = self.norm(self.encoder(flat, shapes))
         R = self.num_registers
-        return BackboneOutput(cls=tokens[:, R], registers=tokens[:, :R], patches=tokens[:, R + 1 :])
+        outs = []
+        for part, (b, n) in zip(flat.split([b * n for b, n in shapes]), shapes):
+            t = part.view(b, n, -1)
+            outs.append(BackboneOutput(cls=t[:, R], registers=t[:, :R], patches=t[:, R + 1 :]))
+        return outs
 
     def embedding(self, x: torch.Tensor) -> torch.Tensor:
         """The final-normalized class token, (B, dim): the image embedding."""
@@ -182,7 +223,8 @@ class VisionTransformer(nn.Module):
     def detection_features(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Patch tokens of the last block as a (B, dim, H/p, W/p) map, before the final norm (as birder)."""
         tokens, grid = self._tokens(x, None, None)
-        patches = self.encoder(tokens)[:, self.num_prefix_tokens :]
+        B, N, C = tokens.shape
+        patches = self.encoder(tokens.flatten(0, 1), ((B, N),)).view(B, N, C)[:, self.num_prefix_tokens :]
         return {"stage1": patches.transpose(1, 2).reshape(x.shape[0], self.embed_dim, *grid)}
 
     @torch.no_grad()

@@ -1,9 +1,9 @@
 """Per-step history (logs/history.jsonl, every optimizer step), the metrics table (logs/metrics.csv, every
 ``trainer.log_every_n_steps`` steps), both appended across resumes, and the PNG curves drawn from the history.
 
-Both are written at the end of each optimizer step, before that step's checkpoint (Lightning runs checkpoint
-callbacks last), so every step a checkpoint holds is in the logs even if the process dies right after the save.
-(Lightning's own CSV logger writes its rows after the checkpoint, and empties the file when a run resumes.)
+Both are written every ``log_every_n_steps`` steps and before every checkpoint, so every step a checkpoint holds
+is in the logs even if the process dies right after the save. (Lightning's own CSV logger writes its rows after
+the checkpoint, and empties the file when a run resumes.)
 """
 
 from __future__ import annotations
@@ -60,24 +60,48 @@ class MetricsTable:
 
 
 class History(L.Callback):
-    """Appends the step's logged scalars after every optimizer step (and every ``csv_every`` steps to the metrics
-    table); draws curves at each epoch end."""
+    """Reads the steps' metrics (``SSLModule.step_metrics``) every ``every`` optimizer steps, before every
+    checkpoint and at the end, with one host-device synchronization per read; rank 0 appends every step to the
+    history, every ``every``-th to the metrics table and the loggers (wandb). Each read also stops the run on a
+    non-finite loss (``SSLModule.check_finite``), before a checkpoint could hold it. Curves are drawn at epoch ends.
+    """
 
-    def __init__(self, path: Path, plots_dir: Optional[Path], table: Optional[Path] = None, csv_every: int = 1) -> None:
-        self.path, self.plots_dir, self.csv_every = path, plots_dir, csv_every
+    def __init__(self, path: Path, plots_dir: Optional[Path], table: Optional[Path] = None, every: int = 1) -> None:
+        self.path, self.plots_dir, self.every = path, plots_dir, every
         self.table = MetricsTable(table) if table is not None else None
+        self.latest: dict[str, float] = {}  # the last step read, for the progress bar
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_rank != 0:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        record = {"step": trainer.global_step - 1}
-        record.update({k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1})
+        if trainer.global_step % self.every == 0 or trainer.global_step == trainer.max_steps:
+            self.read(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.read(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.read(trainer, pl_module)
+
+    def read(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        steps = pl_module.step_metrics.read()
+        if not steps:
+            return
+        if trainer.global_rank == 0:
+            self._write(trainer, steps)
+        self.latest = steps[max(steps)]
+        pl_module.check_finite(steps)
+
+    def _write(self, trainer: L.Trainer, steps: dict[int, dict[str, float]]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        last = trainer.global_step == trainer.max_steps
-        if self.table is not None and (record["step"] % self.csv_every == 0 or last):
-            self.table.append({**record, "epoch": trainer.current_epoch})
+            f.writelines(json.dumps({"step": step, **metrics}) + "\n" for step, metrics in steps.items())
+        for step, metrics in steps.items():
+            if step % self.every == 0 or step + 1 == trainer.max_steps:
+                if self.table is not None:
+                    self.table.append({"step": step, **metrics, "epoch": trainer.current_epoch})
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.plots_dir is not None and trainer.global_rank == 0:

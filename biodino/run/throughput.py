@@ -11,30 +11,33 @@ import torch
 
 
 class Throughput(L.Callback):
-    """Images/s per device (source images, not crops), share of wall time spent waiting for data, peak memory."""
+    """Per optimizer step: images/s per device (source images, not crops), the share of wall time spent waiting for
+    data, peak memory; host numbers, recorded in the module's step metrics (no device read)."""
 
     def __init__(self, batch_size: int) -> None:
         self.batch_size = batch_size
-        self._last_end: float | None = None
-        self._start = 0.0
+        self._last_end: float | None = None  # end of the previous micro-batch
+        self._step_start: float | None = None  # end of the previous optimizer step
         self._wait = 0.0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        self._start = time.perf_counter()
-        if self._last_end is not None:
-            self._wait = self._start - self._last_end  # fetching the batch: everything between two steps
+        if self._last_end is not None:  # fetching the batch: everything between two micro-batches
+            self._wait += time.perf_counter() - self._last_end
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         end = time.perf_counter()
-        if self._last_end is not None:
-            step = end - self._last_end
-            pl_module.log_dict({"perf/images_per_s": self.batch_size / step,
-                                "perf/data_wait": self._wait / step,
-                                "perf/peak_mem_gb": _peak_memory_gb(pl_module.device)},
-                               on_step=True, on_epoch=False)
         self._last_end = end
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if self._step_start is not None:
+            step = end - self._step_start
+            pl_module.step_metrics.log_dict(trainer.global_step - 1, {
+                "perf/images_per_s": self.batch_size * trainer.accumulate_grad_batches / step,
+                "perf/data_wait": self._wait / step,
+                "perf/peak_mem_gb": _peak_memory_gb(pl_module.device)})
+        self._step_start, self._wait = end, 0.0
 
 
 def _peak_memory_gb(device: torch.device) -> float:

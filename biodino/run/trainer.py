@@ -26,6 +26,7 @@ from biodino.run.checkpointing import StepCheckpoint, resumable_checkpoint
 from biodino.config.schema import ConfigError, TrainConfig
 from biodino.config.checks import leaves
 from biodino.run.history import History
+from biodino.run.progress import ProgressBar
 from biodino.run.interrupt import StopOnSignal, requeue_job, stop_signal
 from biodino.run.loggers import finish, loggers
 from biodino.config.recipe import load_config, to_yaml
@@ -107,12 +108,13 @@ def precision(cfg: TrainConfig) -> str:
 def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
     s = cfg.schedule
     slurm = SLURMEnvironment.detect()
+    history = History(run.history, run.plots if cfg.logging.plots else None, run.logs / "metrics.csv",
+                      cfg.trainer.log_every_n_steps)
     callbacks = [StepCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                                 s.steps_per_epoch),
                  StopOnSignal(requeue=slurm),
-                 History(run.history, run.plots if cfg.logging.plots else None, run.logs / "metrics.csv",
-                         cfg.trainer.log_every_n_steps),
-                 Throughput(s.batch_size)]
+                 Throughput(s.batch_size),  # before History: its numbers are part of the step that History reads
+                 history, ProgressBar(history)]
     plugins: list = [AtomicCheckpointIO()]
     if slurm:  # our requeue saves at a step boundary; Lightning's saves inside the handler
         plugins.append(SLURMEnvironment(auto_requeue=False))

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from biodino.data.masking import BlockMasking
 from biodino.models import VisionTransformer, build_backbone
 from biodino.ssl.heads import DINOHead
-from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, masked_token_weights, sinkhorn_knopp
+from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 from biodino.ssl.module import SSLModule
 from biodino.ssl.network import SSLNetwork, freeze_unused
 from biodino.config.schema import ConfigError, HeadConfig, TrainConfig
@@ -67,41 +67,47 @@ class DINOv2Module(SSLModule):
         ibot_head = _head(dim, o.ibot.head) if o.ibot.separate_head else None
         return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head), ibot_head), o.ibot.weight > 0)
 
-    def targets(self, logits: torch.Tensor, kind: str, temp: float) -> list[torch.Tensor]:
-        """Teacher targets per level (DINOv2 has one) for the ``dino`` or ``ibot`` head's logits."""
+    def targets(self, logits: list[torch.Tensor], kind: str, temp: float,
+                valid: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """Teacher targets per level (DINOv2 has one) for the ``dino`` or ``ibot`` head's logits; rows whose
+        ``valid`` is false (padding of the masked-token buffer) take no part in the centering."""
+        (level,) = logits
         if self.cfg.objective.centering == "softmax":
             center = self.dino_center if kind == "dino" else self.ibot_center
-            return [center(logits, temp)]
-        return [sinkhorn_knopp(logits, temp, self.cfg.objective.sinkhorn_iterations)]
+            return [center(level, temp, valid=valid)]
+        return [sinkhorn_knopp(level, temp, self.cfg.objective.sinkhorn_iterations, valid=valid)]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Teacher on the global crops; student on global (masked) and local crops in one pass of its blocks; each
+        head once per network; masked patches gathered by the batch's fixed-size index list (no host sync)."""
         o = self.cfg.objective
-        g, loc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        g, loc = batch["global_crops"], batch["local_crops"]
         temp = self.schedules.teacher_temp(self.global_step)
         use_ibot = o.ibot.weight > 0
+        index, weight = batch["mask_indices"], batch["mask_weights"]
         with torch.no_grad():
-            t_out = self.teacher(g)
-            t_dino = self.targets(self.teacher.dino_head(t_out.cls), "dino", temp)
-            if use_ibot:
-                t_ibot = self.targets(self.teacher.patch_head(t_out.patches[masks]), "ibot", temp)
+            (t_out,) = self.teacher([g])
+            t_cls, t_patch = self.teacher.heads(t_out.cls, _gather(t_out.patches, index) if use_ibot else None)
+            t_dino = self.targets(t_cls, "dino", temp)
+            t_ibot = self.targets(t_patch, "ibot", temp, valid=weight > 0) if use_ibot else []
 
-        s_g = self.student(g, masks if use_ibot else None)
-        s_l = self.student(loc)
-        levels = zip(_levels(self.student.dino_head(s_g.cls)), _levels(self.student.dino_head(s_l.cls)), t_dino)
-        terms = {"dino": sum(dino_loss(sg, sl, t, o.student_temp, N_GLOBAL) for sg, sl, t in levels)}
+        crops = [g, loc] if loc.shape[0] else [g]
+        s_out = self.student(crops, [batch["masks"] if use_ibot else None, None][: len(crops)])
+        cls = torch.cat([out.cls for out in s_out]) if len(s_out) > 1 else s_out[0].cls
+        s_cls, s_patch = self.student.heads(cls, _gather(s_out[0].patches, index) if use_ibot else None)
+        n_g = g.shape[0]
+        terms = {"dino": sum(dino_loss(s[:n_g], s[n_g:], t, o.student_temp, N_GLOBAL) for s, t in zip(s_cls, t_dino))}
         weights = {"dino": o.dino.weight}
         if use_ibot:
-            weight = masked_token_weights(masks)
-            s_patch = _levels(self.student.patch_head(s_g.patches[masks]))
-            terms["ibot"] = sum(ibot_loss(s, t, weight, g.shape[0], o.student_temp) for s, t in zip(s_patch, t_ibot))
+            terms["ibot"] = sum(ibot_loss(s, t, weight, n_g, o.student_temp) for s, t in zip(s_patch, t_ibot))
             weights["ibot"] = o.ibot.weight
         if o.koleo.weight > 0:  # per global crop, summed (DINOv2): never between two crops of one image
-            terms["koleo"] = sum(koleo_loss(c) for c in s_g.cls.chunk(N_GLOBAL))
+            terms["koleo"] = sum(koleo_loss(c) for c in s_out[0].cls.chunk(N_GLOBAL))
             weights["koleo"] = o.koleo.weight
-        self.log("teacher_temp", temp, on_step=True, on_epoch=False)
+        self.log_step({"teacher_temp": temp})
         return self.total_loss(terms, weights)
 
 
-def _levels(logits: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
-    """A head's output as a list of levels: DINOv2's one tensor, or Franca's nested levels."""
-    return logits if isinstance(logits, list) else [logits]
+def _gather(patches: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(B, N, C) patch tokens -> (len(index), C) at flat positions ``index`` (the masked ones, padded)."""
+    return patches.flatten(0, 1).index_select(0, index)

@@ -3,6 +3,8 @@ level (optionally with a queue of recent teacher rows), and inverse-roll (cyclic
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from biodino.data.masking import CyclicMasking
@@ -62,13 +64,15 @@ class FrancaModule(DINOv2Module):
         ibot_head = _head(dim, o.ibot.head, levels) if o.ibot.separate_head else None
         return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head, levels), ibot_head), o.ibot.weight > 0)
 
-    def targets(self, logits: list[torch.Tensor], kind: str, temp: float) -> list[torch.Tensor]:
-        """Sinkhorn-Knopp per level; queued rows of earlier steps join the prototype sums once the queue is full."""
+    def targets(self, logits: list[torch.Tensor], kind: str, temp: float,
+                valid: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
+        """Sinkhorn-Knopp per level; queued rows of earlier steps join the prototype sums once the queue is full
+        (a device flag: the queue takes part with weight 0 until then, so the host never waits to read it)."""
         queue = self.dino_queue if kind == "dino" else self.ibot_queue
-        queued = queue.levels() if queue is not None else None
         iters = self.cfg.objective.sinkhorn_iterations
-        out = [sinkhorn_knopp(level, temp, iters, queue=None if queued is None else queued[i])
-               for i, level in enumerate(logits)]
-        if queue is not None:
-            queue.push(logits)
+        if queue is None:
+            return [sinkhorn_knopp(level, temp, iters, valid=valid) for level in logits]
+        out = [sinkhorn_knopp(level, temp, iters, queue=queued, valid=valid, queue_valid=queue.full)
+               for level, queued in zip(logits, queue.levels())]
+        queue.push(logits, valid)
         return out

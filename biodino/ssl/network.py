@@ -20,10 +20,22 @@ class SSLNetwork(nn.Module):
         self.ibot_head = ibot_head
         self.mask_token = nn.Parameter(torch.zeros(backbone.embed_dim))
 
-    def forward(self, x: torch.Tensor, masks: Optional[torch.Tensor] = None) -> BackboneOutput:
-        """Backbone features, masked patches replaced by the mask token. Calling the network (not its backbone)
-        is what lets FSDP gather the root's parameters, the mask token among them."""
-        return self.backbone.forward_features(x, masks, self.mask_token)
+    def forward(self, xs: list[torch.Tensor], masks: Optional[list[Optional[torch.Tensor]]] = None
+                ) -> list[BackboneOutput]:
+        """Backbone features of each batch in ``xs`` (global and local crops: one pass of the blocks for all),
+        masked patches replaced by the mask token. Calling the network (not its backbone) is what lets FSDP gather
+        the root's parameters, the mask token among them."""
+        return self.backbone.forward_features_list(xs, masks or [None] * len(xs), self.mask_token)
+
+    def heads(self, cls: torch.Tensor, patches: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Logits of the class tokens (DINO head) and of the masked patch tokens (iBOT head), as lists of levels
+        (one for DINOv2, the nesting levels for Franca). A shared head runs once on both, so FSDP gathers it once."""
+        if patches is None:
+            return _levels(self.dino_head(cls)), []
+        if self.ibot_head is not None:
+            return _levels(self.dino_head(cls)), _levels(self.ibot_head(patches))
+        both = _levels(self.dino_head(torch.cat([cls, patches])))
+        return [lv[: cls.shape[0]] for lv in both], [lv[cls.shape[0]:] for lv in both]
 
     def no_weight_decay(self) -> set[str]:
         """The network's own token (layer 0 of the layer-wise decay, like the backbone's tokens)."""
@@ -36,6 +48,11 @@ class SSLNetwork(nn.Module):
     @property
     def patch_head(self) -> nn.Module:
         return self.ibot_head if self.ibot_head is not None else self.dino_head
+
+
+def _levels(logits: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """A head's output as a list of levels: DINOv2's one tensor, or Franca's nested levels."""
+    return logits if isinstance(logits, list) else [logits]
 
 
 def freeze_unused(network: SSLNetwork, ibot: bool) -> SSLNetwork:

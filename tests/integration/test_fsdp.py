@@ -143,9 +143,9 @@ def test_compiled_blocks_compute_what_eager_blocks_compute() -> None:
     student = build_module(load_config("tiny", [])).student
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        eager = student(x)
+        (eager,) = student([x])
         compile_blocks([student])
-        compiled = student(x)
+        (compiled,) = student([x])
     assert all(b._compiled_call_impl is not None for b in student.backbone.blocks)
     assert torch.allclose(compiled.cls, eager.cls, atol=1e-4)
     assert torch.allclose(compiled.patches, eager.patches, atol=1e-4)

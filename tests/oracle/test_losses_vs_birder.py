@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from biodino.ssl.heads import DINOHead
-from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, masked_token_weights, sinkhorn_knopp
+from biodino.data.masking import masked_positions
+from biodino.ssl.losses import SoftmaxCenter, dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp
 
 ref = pytest.importorskip("birder.net.ssl.dino_v2")  # dev extra: always present in CI
 RTOL = 1e-6
@@ -31,7 +32,7 @@ def test_ibot_loss_as_birder_composes_it() -> None:
     masks = torch.rand(n_img, N) < 0.3
     M = int(masks.sum())
     s, t = torch.randn(M, K), torch.softmax(torch.randn(M, K), -1)
-    weights = masked_token_weights(masks)
+    weights = masked_positions(masks, 0)[1]
     theirs = ref.iBOTPatchLoss(K, student_temp=0.1, center_momentum=0.9)
     expected = theirs(s, t, student_masks_flat=masks, masks_weight=weights, n_masked_patches=M) * 2 * 0.5
     torch.testing.assert_close(ibot_loss(s, t, weights, n_img, 0.1), expected, rtol=RTOL, atol=0.0)

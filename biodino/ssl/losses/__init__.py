@@ -2,7 +2,7 @@
 
 from biodino.ssl.losses.centering import SinkhornQueue, SoftmaxCenter, sinkhorn_knopp
 from biodino.ssl.losses.dino import dino_loss
-from biodino.ssl.losses.ibot import ibot_loss, masked_token_weights
+from biodino.ssl.losses.ibot import ibot_loss
 from biodino.ssl.losses.koleo import koleo_loss
 
-__all__ = ["SinkhornQueue", "SoftmaxCenter", "dino_loss", "ibot_loss", "koleo_loss", "masked_token_weights", "sinkhorn_knopp"]
+__all__ = ["SinkhornQueue", "SoftmaxCenter", "dino_loss", "ibot_loss", "koleo_loss", "sinkhorn_knopp"]

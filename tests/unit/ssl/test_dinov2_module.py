@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import lightning as L
 import torch
 
 from biodino.ssl import module as ssl_module
@@ -86,8 +89,42 @@ def test_config_errors_name_their_key() -> None:
     DINOv2Module(no_koleo)  # a batch of 1 is fine without KoLeo
 
 
-def test_non_finite_loss_names_the_step_and_term() -> None:
-    module = DINOv2Module(tiny_config())
-    terms = {"dino": torch.tensor(1.0), "ibot": torch.tensor(float("nan"))}
-    with pytest.raises(NonFiniteLossError, match=r"step 0: ibot"):
-        module.total_loss(terms, {"dino": 1.0, "ibot": 1.0})
+def test_a_non_finite_step_is_never_applied_and_stops_the_run_naming_it(tmp_path) -> None:
+    """Step 1's iBOT term turns NaN. Nothing is read on the host until the end, yet the optimizer applies neither
+    step 1 nor any later one (the teacher keeps following the unchanged student), and the read names the step and
+    the terms; no checkpoint is written."""
+    from biodino.run.history import History
+
+    cfg = tiny_config()
+    module = DINOv2Module(cfg)
+    real_total = module.total_loss
+
+    def poisoned(terms, weights):
+        if module.global_step == 1:
+            terms = {**terms, "ibot": terms["ibot"] * float("nan")}
+        return real_total(terms, weights)
+
+    module.total_loss = poisoned
+    snapshots = []
+
+    class Snapshot(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            snapshots.append({k: v.clone() for k, v in pl_module.state_dict().items()})
+
+    history = History(tmp_path / "history.jsonl", None, every=1000)
+    with pytest.raises(NonFiniteLossError, match=r"step 1: loss/ibot, loss/total, grad_norm"):
+        fit(module, cfg, steps=4, callbacks=[Snapshot(), history])
+    after_step_0 = snapshots[0]
+    for state in snapshots[1:]:
+        for k in after_step_0:
+            assert torch.isfinite(state[k]).all(), k
+            if k.startswith("student."):
+                assert torch.equal(state[k], after_step_0[k]), k
+    steps = [json.loads(line)["step"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]  # the failed steps are logged, for the record
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, callbacks=[history], accelerator="cpu")
+    trainer.strategy.connect(module)
+    module.log_step({"loss/total": torch.tensor(float("inf"))})
+    with pytest.raises(NonFiniteLossError):
+        trainer.save_checkpoint(tmp_path / "never.ckpt")
+    assert not (tmp_path / "never.ckpt").exists()

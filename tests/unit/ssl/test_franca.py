@@ -7,7 +7,8 @@ import torch
 
 from biodino.data.datamodule import mask_sampler
 from biodino.ssl.franca import FrancaModule
-from biodino.ssl.losses import SinkhornQueue, dino_loss, ibot_loss, masked_token_weights, sinkhorn_knopp
+from biodino.data.masking import masked_positions
+from biodino.ssl.losses import SinkhornQueue, dino_loss, ibot_loss, sinkhorn_knopp
 from biodino.data.masking import CyclicMasking
 from biodino.config.schema import FrancaConfig, HeadConfig
 from biodino.interop.export import TrainingState, backbone_from_state, export_backbone, load_backbone
@@ -52,7 +53,7 @@ def test_per_level_dino_and_ibot_sums_match_birder() -> None:
     masks = torch.rand(2 * B, 16) < 0.4
     M = int(masks.sum())
     s_p, t_p = [torch.randn(M, k) for k in WIDTHS], [torch.softmax(torch.randn(M, k), -1) for k in WIDTHS]
-    w = masked_token_weights(masks)
+    w = masked_positions(masks, 0)[1]
     expected = ref.iBOTPatchLossMRL(temp, 3)(tuple(s_p), tuple(t_p), masks, w, M) * 2 * 0.5
     ours = sum(ibot_loss(s, tt, w, 2 * B, temp) for s, tt in zip(s_p, t_p))
     torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0.0)
@@ -60,10 +61,11 @@ def test_per_level_dino_and_ibot_sums_match_birder() -> None:
 
 def test_queue_is_a_fifo_used_once_full() -> None:
     queue = SinkhornQueue(5, [2, 3])
-    assert queue.levels() is None
+    assert not queue.full
     queue.push([torch.full((3, 2), 1.0), torch.full((3, 3), 1.0)])
-    assert queue.levels() is None  # 3 of 5
+    assert not queue.full  # 3 of 5
     queue.push([torch.full((4, 2), 2.0), torch.full((4, 3), 2.0)])
+    assert queue.full
     first, second = queue.levels()
     assert first.shape == (5, 2) and second.shape == (5, 3)
     assert sorted(first[:, 0].tolist()) == [1.0, 2.0, 2.0, 2.0, 2.0]  # the oldest row was replaced
@@ -78,7 +80,7 @@ def test_module_loss_is_the_sum_over_levels() -> None:
     assert module.student.dino_head.dims == [24, 48, 96] and module.student.dino_head.num_prototypes == [16, 32, 64]
     g, loc = torch.randn(8, 3, 32, 32), torch.randn(16, 3, 16, 16)
     masks = torch.rand(8, 16) < 0.3
-    module.training_step({"global_crops": g, "local_crops": loc, "masks": masks}, 0)
+    module.training_step(module.on_before_batch_transfer({"global_crops": g, "local_crops": loc, "masks": masks}, 0), 0)
     with torch.no_grad():
         t_out = module.teacher.backbone.forward_features(g)
         t = [sinkhorn_knopp(x, 0.04, 3) for x in module.teacher.dino_head(t_out.cls)]
