@@ -1,6 +1,6 @@
 """Run by tests/integration/test_fsdp.py under torchrun: train the tiny DINOv2 for a few steps on fixed global batches,
-each rank taking its slice of every batch, and write per-step losses, a consolidated state dict and a
-sharded checkpoint to OUT.
+each rank taking its slice of every batch, and write per-step losses, the gradient reduce-scatters per optimizer
+step, a consolidated state dict and a sharded checkpoint to OUT.
 
 Usage: torchrun --nproc-per-node W tests/fsdp_equivalence.py OUT fsdp|ddp [key=value ...]
 """
@@ -39,12 +39,26 @@ def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int, step: int)
 
 
 class Losses(L.Callback):
+    """Per optimizer step: the losses, the gradient norm and the reduce-scatters FSDP issued during the step."""
+
     def __init__(self) -> None:
         self.steps: list[dict[str, float]] = []
+        self.reduce_scatters = 0
+        real = torch.distributed.reduce_scatter_single  # what FSDP2 calls to reduce gradients
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
-        self.steps.extend({k: v for k, v in m.items() if k.startswith("loss/") or k == "grad_norm"}
-                          for m in module.step_metrics.read().values())
+        def counted(*args: object, **kwargs: object) -> object:
+            self.reduce_scatters += 1
+            return real(*args, **kwargs)
+
+        torch.distributed.reduce_scatter_single = counted
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        for m in module.step_metrics.read().values():
+            self.steps.append({**{k: v for k, v in m.items() if k.startswith("loss/") or k == "grad_norm"},
+                               "reduce_scatters": self.reduce_scatters})
+        self.reduce_scatters = 0
 
 
 def main(out: Path, strategy: str, overrides: list[str]) -> None:
@@ -56,10 +70,12 @@ def main(out: Path, strategy: str, overrides: list[str]) -> None:
     L.seed_everything(cfg.seed, verbose=False)  # as `biodino train` does: FSDP2 needs equal weights on every rank
     module = build_module(cfg)
     patches = (cfg.crops.global_size // module.student.backbone.cfg.patch_size) ** 2
+    accumulate = cfg.schedule.accumulate_grad_batches
     batches = [rank_slice(global_batch(s, cfg.crops.global_size, cfg.crops.local_size, patches), rank, world, s)
-               for s in range(STEPS)]
+               for s in range(STEPS * accumulate)]
     losses = Losses()
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=build_strategy(strategy), max_steps=STEPS,
+                        accumulate_grad_batches=accumulate,
                         callbacks=[losses], logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))

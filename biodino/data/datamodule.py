@@ -74,6 +74,6 @@ class ShardDataModule(L.LightningDataModule):
         dataset = MultiCropBatches(self.shards, self.cfg, mask_sampler(self.cfg, self.mask_shape), rank)
         workers = self.cfg.data.num_workers
         return ResumingLoader(dataset, self.consumed_batches, num_workers=workers,
-                              pin_memory=self.cfg.data.pin_memory, persistent_workers=False,
+                              pin_memory=self.cfg.data.pin_memory, persistent_workers=workers > 0,
                               worker_init_fn=ignore_stop_signals,
                               prefetch_factor=4 if workers else None)

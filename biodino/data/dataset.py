@@ -34,7 +34,7 @@ class MultiCropBatches(IterableDataset):
     """Infinite batches of one rank; worker ``i`` of ``W`` yields batches start + i, start + i + W, ...
 
     so the DataLoader's round-robin order is the rank's batch order whatever the number of workers.
-    ``start`` is the number of batches the rank has consumed (set before each iteration to resume).
+    ``start`` is the number of batches the rank has consumed (set before each iteration, to resume and at epochs).
     """
 
     def __init__(self, shards: list[Shard], cfg: TrainConfig, mask_sampler: MaskSampler, rank: int = 0) -> None:
@@ -42,8 +42,18 @@ class MultiCropBatches(IterableDataset):
         self.mask_sampler = mask_sampler
         self.multicrop = MultiCrop(cfg.crops)
         self.stream = SampleStream(shards, cfg.seed, rank, cfg.data.shards_per_block)
-        self.start = 0
+        self._start = torch.zeros((), dtype=torch.long).share_memory_()  # seen by persistent workers too
         self._open = lru_cache(maxsize=64)(lambda i: TarShard(self.shards[i].path))
+
+    @property
+    def start(self) -> int:
+        return int(self._start)
+
+    @start.setter
+    def start(self, position: int) -> None:
+        """Set before each iteration by the loader; in shared memory, so persistent workers, which keep their copy
+        of the dataset across epochs, start their next iteration there too."""
+        self._start.fill_(position)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()

@@ -66,6 +66,19 @@ def test_two_sharded_ranks_reproduce_one_rank_losses_on_the_same_global_batch(on
     assert min(norms[0]) > 0.05
 
 
+def test_accumulation_reduce_scatters_once_per_optimizer_step_with_unchanged_losses(two_ranks, tmp_path) -> None:
+    """Accumulating 2 micro-batches: the same reduce-scatters per optimizer step as without accumulation (one per
+    sharded unit), and the losses of one rank accumulating the same micro-batches."""
+    _, plain = two_ranks
+    accumulating = equivalence_run(tmp_path / "two", 2, "fsdp", "schedule.accumulate_grad_batches=2")
+    reference = equivalence_run(tmp_path / "one", 1, "fsdp", "schedule.accumulate_grad_batches=2")
+    per_step = {step["reduce_scatters"] for rank in plain + accumulating for step in rank}
+    assert len(per_step) == 1 and per_step.pop() > 0
+    for key in ("loss/dino", "loss/ibot", "loss/total"):
+        assert mean_over_ranks(accumulating, key) == pytest.approx(mean_over_ranks(reference, key), abs=1e-5), key
+    assert mean_over_ranks(accumulating, "grad_norm") == pytest.approx(mean_over_ranks(reference, "grad_norm"), rel=1e-5)
+
+
 def test_ddp_without_ibot_trains_with_the_mask_token_frozen(tmp_path) -> None:
     """DDP fails on parameters without gradients; without iBOT the mask token is frozen, not left unused."""
     one = equivalence_run(tmp_path / "one", 1, "ddp", "objective.ibot.weight=0")

@@ -34,7 +34,7 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3
     """
     n = logits.shape[0]
     q = logits.to(torch.float32, copy=True) if queue is None else torch.cat([logits.float(), queue.float()])
-    top = logits.max().float().reshape(1) if n else q.new_full((1,), -torch.inf)
+    top = _max_over(logits, valid) if n else q.new_full((1,), -torch.inf)
     if queue is not None and queue.numel():
         queued = queue.max().float() if queue_valid is None else torch.where(queue_valid, queue.max(), -torch.inf)
         top = torch.maximum(top, queued.reshape(1))
@@ -48,6 +48,13 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3
         q.div_(_all_reduce(q.sum(dim=0, keepdim=True), group=group).clamp_min_(tiny))  # prototypes: equal mass
         q.div_(q.sum(dim=1, keepdim=True).clamp_min_(tiny))  # each sample's row sums to 1
     return q[:n]
+
+
+def _max_over(logits: torch.Tensor, valid: Optional[torch.Tensor]) -> torch.Tensor:
+    """(1,) the largest logit of the valid rows (padding may hold anything)."""
+    if valid is None:
+        return logits.max().float().reshape(1)
+    return torch.where(valid, logits.amax(dim=1), -torch.inf).max().float().reshape(1)
 
 
 def _row_weights(n: int, rows: int, valid: Optional[torch.Tensor], queue_valid: Optional[torch.Tensor],

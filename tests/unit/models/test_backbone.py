@@ -189,3 +189,39 @@ def test_unknown_preset_and_backend_are_named() -> None:
         build_backbone("vit_huge")
     with pytest.raises(ValueError, match="'flash'"):
         build_backbone("vit_tiny_p8", attn_backend="flash")
+
+
+def test_one_pass_over_two_crop_sizes_equals_two_passes() -> None:
+    """The student's single pass of the blocks over global and local crops (attention within each size) computes
+    what a separate forward of each does; so does the masked variant."""
+    model = build_backbone("vit_tiny_reg4_p14", drop_path_rate=0.0).eval()
+    g, loc = torch.randn(4, 3, 56, 56), torch.randn(6, 3, 28, 28)
+    masks, token = torch.rand(4, 16) < 0.3, torch.randn(64)
+    out_g, out_l = model.forward_features_list([g, loc], [masks, None], token)
+    for ours, ref in ((out_g, model.forward_features(g, masks, token)), (out_l, model.forward_features(loc))):
+        for field in ("cls", "registers", "patches"):
+            torch.testing.assert_close(getattr(ours, field), getattr(ref, field), atol=1e-5, rtol=1e-5)
+
+
+def test_drop_path_drops_whole_images_at_its_rate_and_rescales_the_rest() -> None:
+    from biodino.models.vit import DropPath
+
+    torch.manual_seed(0)
+    drop = DropPath(0.25).train()
+    shapes = ((3000, 2), (1000, 3))  # two groups of images, their tokens flat
+    out = drop(torch.ones(3000 * 2 + 1000 * 3, 1), shapes).view(-1)
+    first, second = out[:6000].view(3000, 2), out[6000:].view(1000, 3)
+    for group in (first, second):
+        assert (group == group[:, :1]).all()  # one draw per image, shared by its tokens
+        assert set(group[:, 0].unique().tolist()) <= {0.0, float(torch.tensor(1 / 0.75))}
+    kept = torch.cat([first[:, 0], second[:, 0]]).ne(0).float().mean()
+    assert abs(float(kept) - 0.75) < 0.03
+    assert torch.equal(drop.eval()(torch.ones(5, 1), ((5, 1),)), torch.ones(5, 1))
+
+
+def test_drop_path_rate_survives_meta_construction_and_loading() -> None:
+    with torch.device("meta"):
+        model = build_backbone("vit_tiny_p8", drop_path_rate=0.3)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(build_backbone("vit_tiny_p8", drop_path_rate=0.3).state_dict())
+    assert model.encoder.block[-1].drop_path.survival == pytest.approx(0.7)

@@ -150,3 +150,24 @@ def test_franca_weights_of_earlier_versions_with_softmax_centers_still_load(tmp_
     checkpoint = {"state_dict": dict(old)}
     fresh.on_load_checkpoint(checkpoint)
     assert set(checkpoint["state_dict"]) == set(module.state_dict())
+
+
+def test_queue_push_skips_padding_and_a_queue_not_yet_full_takes_no_part() -> None:
+    """Pushing rows with padding equals pushing the valid rows alone (the reference: a list kept by hand), and
+    Sinkhorn with a queue whose ``full`` flag is false equals Sinkhorn without it."""
+    size, kept = 5, []
+    queue = SinkhornQueue(size, [2, 3])
+    for step, n in enumerate([3, 4, 7, 1]):
+        rows = torch.arange(n * 5, dtype=torch.float32).view(n, 5) + 100 * step
+        valid = torch.rand(n) < 0.7
+        queue.push([rows[:, :2], rows[:, 2:]], valid)
+        kept = (kept + [r for r, v in zip(rows, valid) if v])[-size:]
+        stored = sorted(map(tuple, torch.cat(queue.levels(), 1).tolist()))
+        expected = sorted(map(tuple, [r.tolist() for r in kept] + [(0.0,) * 5] * (size - len(kept))))
+        if len(kept) == size or not bool(queue.full):
+            assert stored == expected, step
+    logits, queued = torch.randn(6, 8), torch.randn(4, 8)
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.1, 3, queue=queued, queue_valid=torch.tensor(False)),
+                               sinkhorn_knopp(logits, 0.1, 3))
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.1, 3, queue=queued, queue_valid=torch.tensor(True)),
+                               sinkhorn_knopp(logits, 0.1, 3, queue=queued))

@@ -104,3 +104,22 @@ def test_softmax_center_ignores_an_empty_batch() -> None:
     center.center.fill_(1.0)
     assert center(torch.empty(0, 4), 0.04).shape == (0, 4)
     torch.testing.assert_close(center.center, torch.ones(1, 4))
+
+
+def test_padding_rows_take_no_part_in_the_targets() -> None:
+    """The masked-token buffer has a fixed size; its padding rows (valid = False) must leave the real rows' targets
+    and the center's update exactly as if they were absent."""
+    real, pad = torch.randn(13, 17), torch.randn(5, 17) * 4
+    padded, valid = torch.cat([real, pad]), torch.cat([torch.ones(13, dtype=torch.bool), torch.zeros(5, dtype=torch.bool)])
+    torch.testing.assert_close(sinkhorn_knopp(padded, 0.05, 3, valid=valid)[:13], sinkhorn_knopp(real, 0.05, 3))
+    assert torch.equal(sinkhorn_knopp(padded, 0.05, 3, valid=valid)[13:], torch.zeros(5, 17))
+    a, b = SoftmaxCenter(17, momentum=0.7), SoftmaxCenter(17, momentum=0.7)
+    torch.testing.assert_close(a(padded, 0.1, valid=valid)[:13], b(real, 0.1))
+    torch.testing.assert_close(a.center, b.center)
+
+
+def test_sinkhorn_does_not_modify_its_input() -> None:
+    logits = torch.randn(6, 9)
+    before = logits.clone()
+    sinkhorn_knopp(logits, 0.1, 3)
+    assert torch.equal(logits, before)
