@@ -70,6 +70,15 @@ def test_hue_matches_torchvision() -> None:
     _check_op(adjust_hue, TF.adjust_hue, [-0.5, -0.1, -0.037, 0.0, 0.05, 0.1, 0.29, 0.5])
 
 
+def test_hue_matches_torchvision_on_uint8_levels_and_ties() -> None:
+    """Quantized images: many pixels with two equal max or min channels (sector edges) and gray pixels."""
+    x = torch.randint(0, 8, (12, 3, 12, 12), generator=torch.Generator().manual_seed(0)).float() * (255 / 7) / 255
+    factors = torch.linspace(-0.5, 0.5, 12)
+    out = adjust_hue(x, factors)
+    for i, f in enumerate(factors.tolist()):
+        torch.testing.assert_close(out[i], TF.adjust_hue(x[i], f), atol=ATOL, rtol=0)
+
+
 def test_hsv_is_in_range_and_round_trips() -> None:
     x = _images(8)
     hsv = rgb_to_hsv(x)
@@ -183,6 +192,20 @@ def test_all_probabilities_zero_is_plain_normalization() -> None:
     mean = torch.tensor(CropsConfig().normalize_mean).view(1, 3, 1, 1)
     std = torch.tensor(CropsConfig().normalize_std).view(1, 3, 1, 1)
     torch.testing.assert_close(aug.normalize(global_crops), (global_crops.float() / 255 - mean) / std)
+
+
+def test_crops_with_every_choice_off_are_exactly_normalized() -> None:
+    """The identity steps (inactive blend slots, unrotated hue, delta blur kernels) change no bit of a crop."""
+    aug = Photometric(_cfg(jitter_p=0.5, grayscale_p=0.5, blur_p=(0.5, 0.5, 0.5), solarize_p=0.5))
+    global_crops, local_crops = _uint8(64, 16, 3), _uint8(64, 12, 4)
+    out_global, out_local = aug(global_crops, local_crops, torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    global_groups, local_groups = aug._groups(32, 64)
+    for crops, out, groups in ((global_crops, out_global, global_groups), (local_crops, out_local, local_groups)):
+        p = aug._sample(groups, gen, torch.device("cpu"))
+        plain = ~(p.jitter | p.gray | p.blur | p.solarize)
+        assert plain.sum() >= 3
+        assert torch.equal(out[plain], aug.normalize(crops[plain]))
 
 
 def test_jitter_parameters_are_per_sample() -> None:
