@@ -1,42 +1,15 @@
 """A sync census of a real ``biodino train`` run: the host may wait for the device at most twice per optimizer step
-in the steady state (logging every 1000 steps). Counted with a TorchDispatchMode over every op the training process
-runs: reading a device scalar (``_local_scalar_dense``: ``.item()``, ``float()``, ``bool()``, ``if tensor``),
-``nonzero`` and boolean-mask indexing (their output size must be read back). On a GPU each of these stalls the step."""
+in the steady state (logging every 1000 steps), counted over every op the training process runs
+(``benchmarks/sync_census.py``: device scalars read on the host, ``nonzero``, boolean-mask indexing)."""
 
 from __future__ import annotations
 
-import collections
-import traceback
-
 import lightning as L
 import pytest
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks.sync_census import SyncCensus
 from biodino.config.recipe import load_config
 from biodino.run import trainer as trainer_module
-
-READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::item", "aten::masked_select",
-         "aten::equal", "aten::_unique2", "aten::unique_consecutive"}
-BOOL_INDEXED = {"aten::index", "aten::index_put", "aten::index_put_"}
-
-
-class SyncCensus(TorchDispatchMode):
-    """Counts the ops that make the host wait for the device, with where they were called from."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self.sites: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        indices = args[1] if name in BOOL_INDEXED and len(args) > 1 else None
-        if name in READS or (indices and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)):
-            self.count += 1
-            frames = [f for f in traceback.extract_stack() if "python_dispatch" not in f.filename][-4:-1]
-            self.sites[" <- ".join(f"{f.filename.split('/')[-1]}:{f.lineno}" for f in frames)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("recipe", ["tiny", "franca_bioscan5m"])
