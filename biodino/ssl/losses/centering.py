@@ -33,13 +33,13 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3
     host read) is true; only ``logits``' rows return. Rows whose ``valid`` is false (padding) count for nothing.
     """
     n = logits.shape[0]
-    q = logits.to(torch.float32, copy=True) if queue is None else torch.cat([logits.float(), queue.float()])
-    top = _max_over(logits, valid) if n else q.new_full((1,), -torch.inf)
+    top = _max_over(logits, valid) if n else logits.new_full((1,), -torch.inf, dtype=torch.float32)
     if queue is not None and queue.numel():
         queued = queue.max().float() if queue_valid is None else torch.where(queue_valid, queue.max(), -torch.inf)
         top = torch.maximum(top, queued.reshape(1))
-    shift = _all_reduce(top, dist.ReduceOp.MAX, group)
-    q.sub_(shift).div_(temperature).exp_()  # max(logits) / T == max(logits / T) for T > 0
+    shift = _all_reduce(top, dist.ReduceOp.MAX, group)  # max(logits) / T == max(logits / T) for T > 0
+    q = torch.sub(logits if queue is None else torch.cat([logits.float(), queue.float()]), shift)  # fp32, a new buffer
+    q.div_(temperature).exp_()
     weights = _row_weights(n, q.shape[0], valid, queue_valid, q.device)
     if weights is not None:
         q.mul_(weights.unsqueeze(1))
