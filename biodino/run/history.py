@@ -86,12 +86,11 @@ class History(L.Callback):
 
     def read(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         steps = pl_module.step_metrics.read()
-        if not steps:
-            return
-        if trainer.global_rank == 0:
-            self._write(trainer, steps)
-        self.latest = steps[max(steps)]
-        pl_module.check_finite(steps)
+        if steps:
+            if trainer.global_rank == 0:
+                self._write(trainer, steps)
+            self.latest = steps[max(steps)]
+        pl_module.check_finite(steps)  # also when empty: with several ranks it is a collective every rank joins
 
     def _write(self, trainer: L.Trainer, steps: dict[int, dict[str, float]]) -> None:
         with self.path.open("a") as f:

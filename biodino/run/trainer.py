@@ -110,11 +110,11 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
     slurm = SLURMEnvironment.detect()
     history = History(run.history, run.plots if cfg.logging.plots else None, run.logs / "metrics.csv",
                       cfg.trainer.log_every_n_steps)
-    callbacks = [StepCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
-                                s.steps_per_epoch),
-                 StopOnSignal(requeue=slurm),
-                 Throughput(s.batch_size),  # before History: its numbers are part of the step that History reads
-                 history, ProgressBar(history)]
+    # In this order at each step's end: Throughput's numbers are part of the step History reads, and every
+    # metric of the step is recorded before StopOnSignal or StepCheckpoint saves (a save reads them first).
+    callbacks = [Throughput(s.batch_size), history, ProgressBar(history), StopOnSignal(requeue=slurm),
+                 StepCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
+                                s.steps_per_epoch)]
     plugins: list = [AtomicCheckpointIO()]
     if slurm:  # our requeue saves at a step boundary; Lightning's saves inside the handler
         plugins.append(SLURMEnvironment(auto_requeue=False))

@@ -45,6 +45,7 @@ class SSLModule(L.LightningModule):
         self.parallelize: Optional[Callable[["SSLModule"], None]] = None
         self.step_metrics = StepMetrics()
         self._skip: Optional[torch.Tensor] = None  # on the device: a non-finite step happened, skip updates
+        self._batch_index: Optional[int] = None  # of the batch being trained on, from the data pipeline
 
     mask_shape: Any  # the iBOT mask generator class (data.masking) the data workers draw for this objective
 
@@ -67,17 +68,17 @@ class SSLModule(L.LightningModule):
         plain ints (reading them after the copy would wait for the device), and batches built without the
         masked-token index list (tests, callers of the module) get one."""
         index = batch.pop("batch_index", None)
-        self._batch_index = int(index) if index is not None else self.global_step
+        self._batch_index = int(index) if index is not None else None
         corrupt = batch.pop("corrupt", None)
         if corrupt is not None:
-            self.log_step({"data/corrupt_samples": int(corrupt)})
+            self.step_metrics.log(self.global_step, "data/corrupt_samples", int(corrupt), total=True)
         if "masks" in batch and "mask_indices" not in batch:
             batch["mask_indices"], batch["mask_weights"] = masked_positions(batch["masks"].cpu(), 0)
         return batch
 
     def batch_index(self) -> int:
         """The batch's position in this rank's stream (the data pipeline numbers them): keys every random draw."""
-        return getattr(self, "_batch_index", self.global_step)
+        return self.global_step if self._batch_index is None else self._batch_index
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """uint8 crops from the workers get their photometric augmentation here, batched on the device.
@@ -164,9 +165,8 @@ class SSLModule(L.LightningModule):
     def check_finite(self, steps: dict[int, dict[str, float]]) -> None:
         """Raise NonFiniteLossError, on every rank alike, if a read step has a non-finite loss term or gradient
         norm (such a step and the ones after it were not applied to the weights)."""
-        bad = next(((step, [k for k, v in m.items() if _watched(k) and not math.isfinite(v)])
-                    for step, m in steps.items() if any(_watched(k) and not math.isfinite(v) for k, v in m.items())),
-                   None)
+        bad = next(((step, names) for step, m in steps.items()
+                    if (names := [k for k, v in m.items() if _watched(k) and not math.isfinite(v)])), None)
         if self.trainer is not None and self.trainer.world_size > 1:
             anywhere = self.trainer.strategy.reduce(torch.tensor(float(bad is not None), device=self.device),
                                                     reduce_op="max")

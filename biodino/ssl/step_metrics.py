@@ -16,16 +16,17 @@ Value = Union[torch.Tensor, float]
 
 
 class StepMetrics:
-    """Per optimizer step, named scalars; a name logged several times in one step (micro-batches) is averaged."""
+    """Per optimizer step, named scalars; a name logged several times in one step (micro-batches) is averaged, or
+    summed if logged with ``total=True`` (counts)."""
 
     def __init__(self) -> None:
         self._steps: dict[int, dict[str, tuple[Value, int]]] = {}
 
-    def log(self, step: int, name: str, value: Value) -> None:
+    def log(self, step: int, name: str, value: Value, total: bool = False) -> None:
         record = self._steps.setdefault(step, {})
         value = value.detach() if isinstance(value, torch.Tensor) else float(value)
-        total, n = record.get(name, (0.0, 0))
-        record[name] = (total + value, n + 1)
+        summed, n = record.get(name, (0.0, 0))
+        record[name] = (summed + value, 1 if total else n + 1)
 
     def log_dict(self, step: int, values: dict[str, Value]) -> None:
         for name, value in values.items():
