@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from biodino.data.collate import collate_crops
-from biodino.data.masking import BlockMasking, MaskSampler
+from biodino.data.masking import BlockMasking, MaskSampler, masked_positions
 from biodino.config.schema import HeadConfig, TrainConfig
 
 
@@ -65,7 +65,9 @@ def loader(cfg: TrainConfig, n: int = 256, seed: int = 0) -> DataLoader:
 
     def collate(samples: list[dict]) -> dict:
         batch = collate_crops(samples)
-        batch["masks"] = sampler(batch["global_crops"].shape[0], rng)
+        n = batch["global_crops"].shape[0]
+        batch["masks"] = sampler(n, rng)
+        batch["mask_indices"], batch["mask_weights"] = masked_positions(batch["masks"], sampler.capacity(n))
         return batch
 
     return DataLoader(PatternCrops(n, cfg, seed), batch_size=cfg.schedule.batch_size, shuffle=True,

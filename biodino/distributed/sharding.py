@@ -1,6 +1,7 @@
-"""Distribution applied from outside the model, as one function (``parallelize``): per-block ``torch.compile``
-and FSDP2 over the units each network declares (``SSLNetwork.sharding_units``: every block, each head), then each
-network's root. Student and teacher are sharded alike, so the EMA runs on local shards."""
+"""Distribution applied from outside the model, as one function (``parallelize``): ``torch.compile`` of every block
+(and of the objective's losses), and FSDP2 over the units each network declares (``SSLNetwork.sharding_units``:
+every block, each head), then each network's root. Student and teacher are sharded alike, so the EMA runs on local
+shards."""
 
 from __future__ import annotations
 
@@ -55,5 +56,6 @@ def parallelize(module: Any, cfg: TrainerConfig) -> None:
         return
     if cfg.compile:
         compile_blocks((module.student, module.teacher), cfg.compile_backend)
+        module.compile_losses(cfg.compile_backend)
     if module.device_mesh is not None:
         shard(module.student, module.teacher, module.device_mesh["data_parallel"], cfg.fsdp, module.device.type)

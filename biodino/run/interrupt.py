@@ -40,9 +40,18 @@ class StopOnSignal(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After Lightning installed its own handlers (its SIGTERM handling raises mid-accumulation): ours replace
-        them for the training loop. Data workers are forked later and ignore these signals (see the DataModule)."""
+        them for the training loop. Data workers are forked later and ignore these signals (see the DataModule).
+
+        Lightning's loop also broadcasts its SIGTERM flag from rank 0 before every micro-batch and reads it on the
+        host: a device sync per micro-batch. With our handlers in place that flag stays false, so the broadcast is
+        switched off; a SIGTERM Lightning caught during setup is handed over to ours."""
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
+        connector = trainer._signal_connector
+        if connector.received_sigterm:
+            self.received.add(signal.SIGTERM)
+            connector.received_sigterm = False
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()

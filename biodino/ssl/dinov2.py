@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -55,6 +55,7 @@ class DINOv2Module(SSLModule):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         o = cfg.objective
+        self.losses: tuple[Callable, Callable] = (dino_loss, ibot_loss)
         if self.softmax_centers:
             ibot_k = (o.ibot.head if o.ibot.separate_head else o.dino.head).num_prototypes
             self.dino_center = SoftmaxCenter(o.dino.head.num_prototypes, o.center_momentum)
@@ -66,6 +67,11 @@ class DINOv2Module(SSLModule):
         dim = backbone.embed_dim
         ibot_head = _head(dim, o.ibot.head) if o.ibot.separate_head else None
         return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head), ibot_head), o.ibot.weight > 0)
+
+    def compile_losses(self, backend: str) -> None:
+        """``torch.compile`` the DINO and iBOT losses: the fp32 cast, the temperature, the log-softmax over the
+        prototypes and the products fuse into a few passes (forward and backward) instead of one per op."""
+        self.losses = tuple(torch.compile(fn, backend=backend, dynamic=False) for fn in (dino_loss, ibot_loss))
 
     def targets(self, logits: list[torch.Tensor], kind: str, temp: float,
                 valid: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
@@ -96,10 +102,11 @@ class DINOv2Module(SSLModule):
         cls = torch.cat([out.cls for out in s_out]) if len(s_out) > 1 else s_out[0].cls
         s_cls, s_patch = self.student.heads(cls, _gather(s_out[0].patches, index) if use_ibot else None)
         n_g = g.shape[0]
-        terms = {"dino": sum(dino_loss(s[:n_g], s[n_g:], t, o.student_temp, N_GLOBAL) for s, t in zip(s_cls, t_dino))}
+        dino, ibot = self.losses
+        terms = {"dino": sum(dino(s[:n_g], s[n_g:], t, o.student_temp, N_GLOBAL) for s, t in zip(s_cls, t_dino))}
         weights = {"dino": o.dino.weight}
         if use_ibot:
-            terms["ibot"] = sum(ibot_loss(s, t, weight, n_g, o.student_temp) for s, t in zip(s_patch, t_ibot))
+            terms["ibot"] = sum(ibot(s, t, weight, n_g, o.student_temp) for s, t in zip(s_patch, t_ibot))
             weights["ibot"] = o.ibot.weight
         if o.koleo.weight > 0:  # per global crop, summed (DINOv2): never between two crops of one image
             terms["koleo"] = sum(koleo_loss(c) for c in s_out[0].cls.chunk(N_GLOBAL))

@@ -56,6 +56,9 @@ class SSLModule(L.LightningModule):
     def build_network(self) -> SSLNetwork:
         raise NotImplementedError
 
+    def compile_losses(self, backend: str) -> None:
+        """``torch.compile`` what the objective's losses compute (``trainer.compile``); nothing by default."""
+
     def train(self, mode: bool = True) -> "SSLModule":
         """The teacher stays in eval mode: no stochastic depth, no dropout."""
         super().train(mode)
