@@ -1,4 +1,5 @@
-"""The ``biodino`` command line: one subcommand per user moment (models, pack, train, export, embed, slurm, demo)."""
+"""The ``biodino`` command line: one subcommand per user moment (models, pack, train, export, embed, eval, slurm,
+demo)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from biodino.cli.evaluate import add_eval
+from biodino.cli.usage import UsageError
 
 USAGE_ERROR = 2
-
-
-class UsageError(Exception):
-    """Bad input from the user: reported in one line, exit code 2, nothing written."""
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -304,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pack(sub)
     _add_train_export_embed(sub)
     _add_slurm(sub)
+    add_eval(sub)
     p = sub.add_parser("demo", help="generate labelled images, train a tiny DINOv2 on CPU, report k-NN vs random init")
     p.add_argument("--data", default=None, help="your own images instead: a folder with one sub-folder per class")
     p.add_argument("--out", default="demo", help="working folder (images, shards, runs, export)")

@@ -1,0 +1,122 @@
+"""The model cards' frozen-embedding protocols over train/test embedding sets, as one registry: each protocol maps
+the two sets to its metrics. ``evaluate`` runs a list of them, ``repeats`` times with seeds seed, seed + 1, ...
+for the stochastic ones (mean and std)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from biodino.eval.clustering import ami_score
+from biodino.eval.knn import knn_predict
+from biodino.eval.linear_probe import linear_probe_predict
+from biodino.eval.retrieval import retrieval_metrics
+from biodino.eval.simpleshot import simpleshot_predict
+
+
+@dataclass(frozen=True)
+class Split:
+    """Embeddings (n, dim) and integer labels (n,) of one set, on the device the protocols run on."""
+
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Options:
+    k: int = 20
+    temperature: float = 0.07
+    seed: int = 0
+    recall_at: tuple[int, ...] = (1, 5, 10)
+
+
+def _top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predicted.cpu() == labels.cpu()).double().mean())
+
+
+def _macro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels.cpu().numpy(), predicted.cpu().numpy(), average="macro"))
+
+
+def knn(train: Split, test: Split, o: Options) -> dict[str, float]:
+    classes = int(max(train.labels.max(), test.labels.max())) + 1
+    k = min(o.k, len(train.labels))
+    return {"top1": _top1(knn_predict(train.embeddings, train.labels, test.embeddings, k, o.temperature, classes),
+                          test.labels)}
+
+
+def simpleshot(train: Split, test: Split, o: Options) -> dict[str, float]:
+    return {"top1": _top1(simpleshot_predict(train.embeddings, train.labels, test.embeddings), test.labels)}
+
+
+def retrieval(train: Split, test: Split, o: Options) -> dict[str, float]:
+    return retrieval_metrics(train.embeddings, train.labels, test.embeddings, test.labels, o.recall_at)
+
+
+def ami(train: Split, test: Split, o: Options) -> dict[str, float]:
+    return {"ami": ami_score(test.embeddings.cpu().numpy(), test.labels.cpu().numpy(), seed=o.seed)}
+
+
+def linear(train: Split, test: Split, o: Options) -> dict[str, float]:
+    classes = int(max(train.labels.max(), test.labels.max())) + 1
+    predicted = linear_probe_predict(train.embeddings, train.labels, test.embeddings, classes, seed=o.seed)
+    return {"top1": _top1(predicted, test.labels), "macro_f1": _macro_f1(predicted, test.labels)}
+
+
+# name -> (protocol, stochastic: whether repeats with other seeds differ)
+PROTOCOLS: dict[str, tuple[Callable[[Split, Split, Options], dict[str, float]], bool]] = {
+    "knn": (knn, False), "simpleshot": (simpleshot, False), "retrieval": (retrieval, False),
+    "ami": (ami, True), "linear": (linear, False),
+}
+
+
+def evaluate(train: Split, test: Split, protocols: list[str], options: Options = Options(),
+             repeats: int = 1) -> dict[str, dict[str, float]]:
+    """Metrics by protocol; a stochastic protocol run ``repeats`` times also reports ``<metric>_std``."""
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol {unknown[0]!r}; available: {', '.join(PROTOCOLS)}")
+    results = {}
+    for name in protocols:
+        fn, stochastic = PROTOCOLS[name]
+        try:
+            runs = [fn(train, test, Options(**{**options.__dict__, "seed": options.seed + i}))
+                    for i in range(repeats if stochastic else 1)]
+        except ImportError as err:
+            raise ImportError(f"protocol {name} needs {err.name}: pip install 'biodino[eval]'") from err
+        merged = {k: statistics.fmean(r[k] for r in runs) for k in runs[0]}
+        if len(runs) > 1:
+            merged.update({f"{k}_std": statistics.stdev(r[k] for r in runs) for k in runs[0]})
+        results[name] = merged
+    return results
+
+
+def markdown(results: dict[str, dict[str, float]]) -> str:
+    """A table of protocol, metric, value."""
+    rows = ["| protocol | metric | value |", "|---|---|---|"]
+    rows += [f"| {p} | {m} | {v:.4f} |" for p, metrics in results.items() for m, v in metrics.items()]
+    return "\n".join(rows)
+
+
+def read_split(path: str, device: torch.device, classes: dict[str, int]) -> Split:
+    """An embeddings file as ``biodino embed`` writes it (``.npz`` with arrays ``embeddings`` and ``labels``);
+    string labels are mapped through ``classes`` (grown as new names appear). Errors name the file and the key."""
+    with np.load(path, allow_pickle=False) as data:
+        for key in ("embeddings", "labels"):
+            if key not in data:
+                raise ValueError(f"{path}: no array {key!r} (has {', '.join(data.files) or 'none'})")
+        embeddings, labels = data["embeddings"], data["labels"]
+    if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
+        raise ValueError(f"{path}: embeddings {embeddings.shape} and labels {labels.shape} do not match as (n, dim) "
+                         "and (n,)")
+    if labels.dtype.kind in "iu":
+        ids = labels.astype(np.int64)
+    else:
+        ids = np.array([classes.setdefault(str(v), len(classes)) for v in labels], dtype=np.int64)
+    return Split(torch.from_numpy(embeddings.astype(np.float32)).to(device), torch.from_numpy(ids).to(device))
