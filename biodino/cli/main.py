@@ -163,7 +163,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from biodino.eval.embed import embed_images, eval_transform, image_paths, write_embeddings
+    from biodino.eval.embed import embed_images, eval_transform, labelled_paths, write_embeddings
     from biodino.interop.export import load_backbone
     from biodino.checkpoint.safe_load import CheckpointError
 
@@ -172,10 +172,12 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .npz or .parquet, got {out.name}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise UsageError(f"--workers must be at least 0, got {args.workers}")
     skipped: list[tuple[Path, str]] = []
     try:
         backbone, meta = load_backbone(Path(args.model))
-        paths = image_paths(args.images, skipped)
+        paths, labels = labelled_paths(args.images, skipped)
     except (CheckpointError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     if not paths:
@@ -184,15 +186,17 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    embeddings = embed_images(backbone.to(device), paths, transform, args.batch_size, skipped)
+    embeddings = embed_images(backbone.to(device).eval(), paths, transform, args.batch_size, skipped, args.workers,
+                              args.features)
     bad = {p for p, _ in skipped}
-    kept = [p for p in paths if p not in bad]
+    kept = [i for i, p in enumerate(paths) if p not in bad]
     for path, why in skipped:
         print(f"skipped {path}: {why}", file=sys.stderr)
     if not kept:
         raise UsageError(f"none of the {len(paths)} images could be read")
-    write_embeddings(out, embeddings, kept)
-    print(f"{len(kept)} embeddings of size {embeddings.shape[1]} -> {out}; {len(skipped)} skipped")
+    write_embeddings(out, embeddings, [paths[i] for i in kept], None if labels is None else [labels[i] for i in kept])
+    classes = f", {len(set(labels))} classes" if labels is not None else ""
+    print(f"{len(kept)} embeddings of size {embeddings.shape[1]}{classes} -> {out}; {len(skipped)} skipped")
     return 0
 
 
@@ -217,11 +221,14 @@ def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
                    help="a birder source's backbone preset (default: the one preset matching its tensor shapes)")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("embed", help="embed images with an exported backbone")
+    p = sub.add_parser("embed", help="embed images with an exported backbone (labels from class sub-folders)")
     p.add_argument("model", help="a backbone .safetensors written by biodino export")
     p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="output .npz (embeddings, paths) or .parquet")
+    p.add_argument("--out", required=True, help="output .npz (embeddings, paths, labels) or .parquet")
+    p.add_argument("--features", choices=["cls", "cls+mean", "mean"], default="cls",
+                   help="class token (default), class token and mean patch token, or mean patch token")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding and resizing")
     p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
     p.set_defaults(func=_cmd_embed)
 

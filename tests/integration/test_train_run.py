@@ -159,6 +159,39 @@ def test_embed_cli_writes_embeddings_with_paths(full_run, tmp_path) -> None:
     data = np.load(tmp_path / "e.npz")
     assert data["embeddings"].shape == (5, 96) and list(data["paths"]) == [str(p) for p in images]
     assert main(["embed", str(model), str(tmp_path / "nothing"), "--out", str(tmp_path / "f.npz")]) == 2
+    assert "labels" not in data.files  # images directly in the folder: no classes
+
+
+def test_export_embed_eval_from_class_folders(full_run, tmp_path, capsys) -> None:
+    """The user's loop: export, embed class sub-folders with 2 workers (labels from the folder names, the same
+    embeddings as in-process decoding), evaluate the two embedding files."""
+    import json
+
+    import numpy as np
+
+    from biodino.cli.main import main
+    from biodino.eval.embed import embed_images, eval_transform
+
+    model = export_backbone(load_training_state(full_run.root), tmp_path)
+    for split, seeds in (("train", range(12)), ("test", range(12, 18))):
+        for i in seeds:
+            save_photo(tmp_path / split / ("moth" if i % 2 else "bee") / f"{i}.jpg", seed=i, width=50, height=40)
+    for split in ("train", "test"):
+        assert main(["embed", str(model), str(tmp_path / split), "--out", str(tmp_path / f"{split}.npz"),
+                     "--workers", "2", "--batch-size", "4", "--features", "cls+mean"]) == 0
+    data = np.load(tmp_path / "train.npz")
+    paths = [Path(p) for p in data["paths"]]
+    assert sorted(set(data["labels"])) == ["bee", "moth"] and data["embeddings"].shape == (12, 192)
+    assert all(Path(p).parent.name == label for p, label in zip(paths, data["labels"]))
+    backbone, meta = load_backbone(model)
+    transform = eval_transform(meta["resolution"], meta["normalization"]["mean"], meta["normalization"]["std"])
+    np.testing.assert_allclose(data["embeddings"], embed_images(backbone.eval(), paths, transform, 5,
+                                                                features="cls+mean").numpy(), atol=1e-5)
+    out = tmp_path / "results.json"
+    assert main(["eval", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), "--k", "3",
+                 "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"knn", "simpleshot", "retrieval"} and 0 <= results["knn"]["top1"] <= 1
 
 
 @pytest.mark.parametrize("mode", ["offline", "disabled"])
