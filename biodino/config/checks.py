@@ -11,8 +11,8 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterator
 
-from biodino.config.schema import (ATTN_BACKENDS, CENTERINGS, DTYPES, OBJECTIVES, PRECISIONS, STRATEGIES,
-                                  WANDB_MODES, ACCELERATORS, ConfigError, TrainConfig)
+from biodino.config.schema import (ATTN_BACKENDS, CENTERINGS, DTYPES, EVAL_PROTOCOLS, OBJECTIVES, PRECISIONS,
+                                  STRATEGIES, WANDB_MODES, ACCELERATORS, ConfigError, TrainConfig)
 
 Check = tuple[Callable[[Any], bool], str]
 
@@ -108,9 +108,12 @@ RULES: dict[str, Check] = {
     "trainer.log_every_n_steps": at_least(1), "trainer.compile_backend": non_empty(),
     "logging.wandb": one_of(WANDB_MODES), "logging.project": non_empty(),
     "checkpoint.every_n_steps": at_least(1), "checkpoint.keep_last": at_least(1),
+    "eval.every_n_steps": optional(at_least(1)), "eval.max_images": at_least(2), "eval.k": at_least(1),
+    "eval.protocols": (lambda v: len(v) > 0 and all(p in EVAL_PROTOCOLS for p in v),
+                       f"a list of {', '.join(EVAL_PROTOCOLS)}"),
 }
 # Free-form values: paths and switches (booleans need no range).
-UNCHECKED = {"data.shards", "init.full_weights", "logging.group"}
+UNCHECKED = {"data.shards", "init.full_weights", "logging.group", "eval.data"}
 
 
 def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:

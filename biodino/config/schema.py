@@ -18,6 +18,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("bfloat16", "float16", "float32")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+EVAL_PROTOCOLS = ("knn", "simpleshot", "retrieval", "ami", "linear")  # biodino.eval.protocols.PROTOCOLS
 
 
 class ConfigError(ValueError):
@@ -189,6 +190,17 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The online monitor: the teacher's embeddings of a held-out labelled folder, evaluated during training."""
+
+    data: Optional[str] = None  # a folder with one sub-folder per class; None: no monitor
+    every_n_steps: Optional[int] = None  # None: at the checkpoint interval (checkpoint.every_n_steps)
+    protocols: tuple[str, ...] = ("knn", "retrieval")  # names of biodino eval's protocols
+    max_images: int = 2000  # at most this many images, spread over the classes (bounds the cost)
+    k: int = 20
+
+
+@dataclass
 class InitConfig:
     full_weights: Optional[str] = None  # a full-weights file (`biodino export --full`): weights only, fresh optimizer
 
@@ -207,6 +219,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
     @property

@@ -71,7 +71,7 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, Optional[torch.Tensor], str]:
         try:
-            return i, self.transform(_rgb(self.images[i])), ""
+            return i, self.transform(load_rgb(self.images[i])), ""
         except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
             return i, None, str(err).splitlines()[0] if str(err) else type(err).__name__
 
@@ -114,8 +114,8 @@ def embed_images(backbone: VisionTransformer, images: Sequence[Image.Image | Pat
     return torch.cat(out) if out else torch.empty(0, width)
 
 
-def _rgb(image: Image.Image | Path) -> Image.Image:
-    """The picture as displayed (``decode.to_rgb``)."""
+def load_rgb(image: Image.Image | Path) -> Image.Image:
+    """The picture as displayed (``decode.to_rgb``), from a file or an image already open."""
     if not isinstance(image, Path):
         return to_rgb(image)
     with Image.open(image) as im:

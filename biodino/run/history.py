@@ -17,7 +17,7 @@ from typing import Any, Optional
 import lightning as L
 
 PLOTS = {"losses": ("loss/",), "schedules": ("lr", "wd", "momentum", "teacher_temp"),
-         "optimization": ("grad_norm",), "throughput": ("perf/",)}
+         "optimization": ("grad_norm",), "throughput": ("perf/",), "eval": ("eval/",)}
 
 
 def read_history(path: Path) -> dict[int, dict[str, float]]:

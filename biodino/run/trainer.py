@@ -26,6 +26,7 @@ from biodino.run.checkpointing import StepCheckpoint, resumable_checkpoint
 from biodino.config.schema import ConfigError, TrainConfig
 from biodino.config.checks import leaves
 from biodino.run.history import History
+from biodino.run.monitor import EvalMonitor
 from biodino.run.progress import ProgressBar
 from biodino.run.interrupt import StopOnSignal, requeue_job, stop_signal
 from biodino.run.loggers import finish, loggers
@@ -59,6 +60,8 @@ def check_runnable(cfg: TrainConfig, check_init: bool = True) -> None:
     if not cfg.data.shards:
         raise ConfigError("data.shards: missing required value (a shard index or glob)")
     resolve_shards(cfg.data.shards)
+    if cfg.eval.data and not Path(cfg.eval.data).is_dir():
+        raise ConfigError(f"eval.data: folder not found: {cfg.eval.data}")
     if check_init and cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
         raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
 
@@ -110,9 +113,10 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
     slurm = SLURMEnvironment.detect()
     history = History(run.history, run.plots if cfg.logging.plots else None, run.logs / "metrics.csv",
                       cfg.trainer.log_every_n_steps)
-    # In this order at each step's end: Throughput's numbers are part of the step History reads, and every
-    # metric of the step is recorded before StopOnSignal or StepCheckpoint saves (a save reads them first).
-    callbacks = [Throughput(s.batch_size), history, ProgressBar(history), StopOnSignal(requeue=slurm),
+    # In this order at each step's end: the monitor's and Throughput's numbers are part of the step History reads,
+    # and every metric of the step is recorded before StopOnSignal or StepCheckpoint saves (a save reads them).
+    monitor = [EvalMonitor(cfg)] if cfg.eval.data else []
+    callbacks = [*monitor, Throughput(s.batch_size), history, ProgressBar(history), StopOnSignal(requeue=slurm),
                  StepCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
                                 s.steps_per_epoch)]
     plugins: list = [AtomicCheckpointIO()]

@@ -68,3 +68,10 @@ def test_a_file_without_labels_or_of_another_width_is_named(files, tmp_path, cap
     assert "nolabels.npz: no array 'labels' (has embeddings)" in capsys.readouterr().err
     assert main(["eval", "--train", train, "--test", str(tmp_path / "wide.npz")]) == 2
     assert "--test embeddings have dim 8, --train 16" in capsys.readouterr().err
+
+
+def test_the_config_names_every_protocol_and_only_those() -> None:
+    from biodino.config.schema import EVAL_PROTOCOLS
+    from biodino.eval.protocols import PROTOCOLS
+
+    assert set(EVAL_PROTOCOLS) == set(PROTOCOLS)

@@ -1,0 +1,70 @@
+"""The online monitor on a tiny ``biodino train`` run: k-NN and retrieval of a held-out labelled folder logged at
+every evaluation step to the history and the metrics table, drawn in plots/eval.png, and equal to what
+``biodino embed`` + the protocols compute from the exported teacher of the same step."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from biodino.checkpoint.run_dir import RunDir
+from biodino.config.recipe import load_config
+from biodino.config.schema import ConfigError
+from biodino.eval.embed import embed_images, eval_transform
+from biodino.eval.protocols import Options, Split, evaluate
+from biodino.interop.export import export_backbone, load_backbone, load_training_state
+from biodino.run.history import read_history
+from biodino.run.monitor import EvalMonitor, held_out
+from biodino.run.trainer import check_runnable, train
+from tests.images import save_photo
+
+
+@pytest.fixture(scope="module")
+def held_out_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("heldout")
+    for c, name in enumerate(("ant", "bee", "moth")):
+        for i in range(6):
+            save_photo(root / name / f"{i}.jpg", seed=100 * c + i, width=60, height=48)
+    return root
+
+
+def test_the_monitor_logs_each_evaluation_and_matches_the_exported_teacher(tiny_shards, held_out_folder,
+                                                                          tmp_path) -> None:
+    cfg = load_config("tiny", [f"data.shards={tiny_shards}", f"runs_dir={tmp_path}", "name=m", "schedule.epochs=1",
+                               "schedule.steps_per_epoch=6", "checkpoint.every_n_steps=3", "trainer.log_every_n_steps=1",
+                               f"eval.data={held_out_folder}", "eval.k=3", "logging.wandb=disabled"])
+    train(cfg)
+    run = RunDir(tmp_path / "m")
+    history = read_history(run.history)
+    evaluated = [s for s, m in history.items() if "eval/knn_top1" in m]
+    assert evaluated == [2, 5]  # after optimizer steps 3 and 6 (0-based steps 2 and 5)
+    assert all(0 <= history[s]["eval/retrieval_map"] <= 1 and history[s]["eval/seconds"] > 0 for s in evaluated)
+    rows = list(csv.DictReader((run.logs / "metrics.csv").open()))
+    assert [r["step"] for r in rows if r.get("eval/knn_top1")] == ["2", "5"]
+    assert (run.plots / "eval.png").stat().st_size > 0
+
+    # independently: the final teacher exported, embedded as `biodino embed` does, the same split and protocols
+    backbone, meta = load_backbone(export_backbone(load_training_state(run.root), tmp_path))
+    paths, labels = held_out(str(held_out_folder), cfg.eval.max_images)
+    x = embed_images(backbone.eval(), paths, eval_transform(meta["resolution"], meta["normalization"]["mean"],
+                                                            meta["normalization"]["std"]))
+    monitor = EvalMonitor(cfg)
+    import torch
+
+    y = torch.tensor(labels)
+    expected = evaluate(Split(x[monitor.gallery], y[monitor.gallery]), Split(x[monitor.queries], y[monitor.queries]),
+                        ["knn", "retrieval"], Options(k=3, seed=cfg.seed))
+    assert history[5]["eval/knn_top1"] == pytest.approx(expected["knn"]["top1"])
+    assert history[5]["eval/retrieval_map"] == pytest.approx(expected["retrieval"]["map"], abs=1e-5)
+    assert sorted(monitor.gallery.tolist() + monitor.queries.tolist()) == list(range(18))
+    assert len(monitor.gallery) == len(monitor.queries) == 9  # 3 of each class in each part
+
+
+def test_a_missing_or_unlabelled_eval_folder_is_refused_before_anything_is_written(tiny_shards, tmp_path) -> None:
+    cfg = load_config("tiny", [f"data.shards={tiny_shards}", f"runs_dir={tmp_path}", f"eval.data={tmp_path / 'no'}"])
+    with pytest.raises(ConfigError, match="eval.data: folder not found"):
+        check_runnable(cfg)
+    save_photo(tmp_path / "flat" / "a.jpg", seed=1)
+    with pytest.raises(ConfigError, match="needs at least two class sub-folders"):
+        held_out(str(tmp_path / "flat"), 10)
