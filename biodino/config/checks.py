@@ -113,7 +113,7 @@ RULES: dict[str, Check] = {
                        f"a list of {', '.join(EVAL_PROTOCOLS)}"),
 }
 # Free-form values: paths and switches (booleans need no range).
-UNCHECKED = {"data.shards", "init.full_weights", "logging.group", "eval.data"}
+UNCHECKED = {"data.shards", "init.full_weights", "logging.group", "eval.data", "checkpoint.monitor"}
 
 
 def leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:

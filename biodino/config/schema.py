@@ -187,6 +187,7 @@ class LoggingConfig:
 class CheckpointConfig:
     every_n_steps: int = 1000
     keep_last: int = 3
+    monitor: Optional[str] = None  # e.g. eval/knn_top1: also keep the checkpoint where it was highest (needs eval.data)
 
 
 @dataclass

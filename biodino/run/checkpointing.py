@@ -7,9 +7,10 @@ epoch-end save as a finished epoch and then counts it again, so a resumed run wo
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -17,6 +18,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from biodino.checkpoint.integrity import verify
 from biodino.checkpoint.run_dir import RunDir
 from biodino.checkpoint.safe_load import CheckpointError
+from biodino.fs.atomic import atomic_write_text
+
+BEST = "best.json"  # {"metric", "value", "step", "checkpoint"}: the kept checkpoint where the metric was highest
 
 
 def resumable_checkpoint(run: RunDir) -> Optional[Path]:
@@ -40,11 +44,16 @@ class StepCheckpoint(ModelCheckpoint):
     """``step=NNNNNNN.ckpt`` every ``every_n_steps``, at the last step of every epoch and when ``save_now`` is
     called; the ``keep_last`` newest kept; ``last.ckpt`` links the newest. All at optimizer-step boundaries."""
 
-    def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, steps_per_epoch: int) -> None:
+    def __init__(self, dirpath: Path, every_n_steps: int, keep_last: int, steps_per_epoch: int,
+                 best: Optional[tuple[str, Callable[[int], dict[str, float]]]] = None) -> None:
+        """``best``: (metric, metrics of a step) to also keep the checkpoint where the metric was highest."""
         super().__init__(dirpath=dirpath, filename="step={step:07d}", auto_insert_metric_name=False,
                          monitor="step", mode="max", save_top_k=keep_last, every_n_train_steps=every_n_steps,
                          save_last="link", enable_version_counter=False, save_on_train_epoch_end=False)
         self.steps_per_epoch = steps_per_epoch
+        self.best_by = best
+        self.best_file = Path(dirpath) / BEST
+        self.best = json.loads(self.best_file.read_text()) if best and self.best_file.is_file() else None
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -55,6 +64,31 @@ class StepCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Nothing: the epoch's last step has been saved by ``on_train_batch_end``."""
+
+    def _save_topk_checkpoint(self, trainer: L.Trainer, candidates: dict) -> None:
+        super()._save_topk_checkpoint(trainer, candidates)
+        if self.best_by is not None:
+            self._keep_if_best(trainer)
+
+    def _keep_if_best(self, trainer: L.Trainer) -> None:
+        """Record this step's checkpoint in ``best.json`` if its monitored metric is the highest so far; the
+        previous best is removed unless it is among the newest kept."""
+        metric, metrics_of = self.best_by
+        value = metrics_of(trainer.global_step - 1).get(metric)
+        path = Path(self.dirpath) / f"step={trainer.global_step:07d}.ckpt"
+        if value is None or not path.exists() or (self.best is not None and value <= self.best["value"]):
+            return
+        previous, self.best = self.best, {"metric": metric, "value": value, "step": trainer.global_step,
+                                          "checkpoint": path.name}
+        if trainer.is_global_zero:
+            atomic_write_text(self.best_file, json.dumps(self.best) + "\n")
+        if previous and str(Path(self.dirpath) / previous["checkpoint"]) not in self.best_k_models:
+            super()._remove_checkpoint(trainer, str(Path(self.dirpath) / previous["checkpoint"]))
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """The best checkpoint is kept besides the newest ``keep_last``."""
+        if self.best is None or Path(filepath).name != self.best["checkpoint"]:
+            super()._remove_checkpoint(trainer, filepath)
 
     def save_now(self, trainer: L.Trainer) -> None:
         """Save this step's checkpoint (kept and linked like the others) unless it is already saved."""

@@ -47,6 +47,7 @@ class EvalMonitor(L.Callback):
                             T.CenterCrop(size)])
         self.images = torch.stack([resize(load_rgb(p)) for p in paths])  # uint8, decoded once
         self.labels = torch.tensor(labels)
+        self.latest: tuple[int, dict[str, float]] = (-1, {})  # the step last evaluated and its metrics
         rank_in_class = [labels[:i].count(label) for i, label in enumerate(labels)]
         # alternate images of each class: gallery, query, gallery, ... (host index lists: no device sync)
         self.gallery = torch.tensor([i for i, r in enumerate(rank_in_class) if r % 2 == 0])
@@ -76,4 +77,9 @@ class EvalMonitor(L.Callback):
         metrics = {f"eval/{p}_{m}": v for p, values in results.items() for m, v in values.items()}
         metrics["eval/seconds"] = time.perf_counter() - start
         pl_module.step_metrics.log_dict(trainer.global_step - 1, metrics)
+        self.latest = (trainer.global_step - 1, metrics)
         return metrics
+
+    def metrics_of(self, step: int) -> dict[str, float]:
+        """The metrics of ``step`` if it was evaluated last, else none."""
+        return self.latest[1] if self.latest[0] == step else {}

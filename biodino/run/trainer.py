@@ -62,6 +62,10 @@ def check_runnable(cfg: TrainConfig, check_init: bool = True) -> None:
     resolve_shards(cfg.data.shards)
     if cfg.eval.data and not Path(cfg.eval.data).is_dir():
         raise ConfigError(f"eval.data: folder not found: {cfg.eval.data}")
+    monitored = cfg.checkpoint.monitor
+    if monitored and not (cfg.eval.data and monitored.startswith(tuple(f"eval/{p}_" for p in cfg.eval.protocols))):
+        raise ConfigError(f"checkpoint.monitor: {monitored!r} is not a metric of the online monitor; set eval.data and "
+                          f"name one of its protocols ({', '.join(cfg.eval.protocols)}), e.g. eval/knn_top1")
     if check_init and cfg.init.full_weights and not Path(cfg.init.full_weights).is_file():
         raise ConfigError(f"init.full_weights: file not found: {cfg.init.full_weights}")
 
@@ -115,10 +119,12 @@ def build_trainer(cfg: TrainConfig, run: RunDir) -> L.Trainer:
                       cfg.trainer.log_every_n_steps)
     # In this order at each step's end: the monitor's and Throughput's numbers are part of the step History reads,
     # and every metric of the step is recorded before StopOnSignal or StepCheckpoint saves (a save reads them).
-    monitor = [EvalMonitor(cfg)] if cfg.eval.data else []
-    callbacks = [*monitor, Throughput(s.batch_size), history, ProgressBar(history), StopOnSignal(requeue=slurm),
+    monitor = EvalMonitor(cfg) if cfg.eval.data else None
+    best = (cfg.checkpoint.monitor, monitor.metrics_of) if monitor and cfg.checkpoint.monitor else None
+    callbacks = [*([monitor] if monitor else []), Throughput(s.batch_size), history, ProgressBar(history),
+                 StopOnSignal(requeue=slurm),
                  StepCheckpoint(run.checkpoints, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last,
-                                s.steps_per_epoch)]
+                                s.steps_per_epoch, best)]
     plugins: list = [AtomicCheckpointIO()]
     if slurm:  # our requeue saves at a step boundary; Lightning's saves inside the handler
         plugins.append(SLURMEnvironment(auto_requeue=False))

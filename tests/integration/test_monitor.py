@@ -68,3 +68,30 @@ def test_a_missing_or_unlabelled_eval_folder_is_refused_before_anything_is_writt
     save_photo(tmp_path / "flat" / "a.jpg", seed=1)
     with pytest.raises(ConfigError, match="needs at least two class sub-folders"):
         held_out(str(tmp_path / "flat"), 10)
+
+
+def test_the_best_checkpoint_by_the_monitored_metric_is_kept_besides_the_newest(tiny_shards, held_out_folder,
+                                                                               tmp_path) -> None:
+    import json
+
+    cfg = load_config("tiny", [f"data.shards={tiny_shards}", f"runs_dir={tmp_path}", "name=b", "schedule.epochs=1",
+                               "schedule.steps_per_epoch=8", "checkpoint.every_n_steps=2", "checkpoint.keep_last=1",
+                               f"eval.data={held_out_folder}", "eval.k=3", "eval.protocols=[retrieval]",
+                               "checkpoint.monitor=eval/retrieval_map", "logging.wandb=disabled"])
+    train(cfg)
+    run = RunDir(tmp_path / "b")
+    history = read_history(run.history)
+    scores = {s + 1: m["eval/retrieval_map"] for s, m in history.items() if "eval/retrieval_map" in m}
+    assert sorted(scores) == [2, 4, 6, 8]
+    best_step = max(scores, key=lambda s: (scores[s], -s))  # the first step reaching the highest value
+    best = json.loads((run.checkpoints / "best.json").read_text())
+    assert (best["step"], best["metric"]) == (best_step, "eval/retrieval_map")
+    assert best["value"] == pytest.approx(scores[best_step])
+    kept = sorted(p.name for p in run.checkpoints.glob("step=*.ckpt"))
+    assert kept == sorted({f"step={best_step:07d}.ckpt", "step=0000008.ckpt"})
+
+
+def test_a_monitored_metric_needs_the_monitor(tiny_shards, tmp_path) -> None:
+    cfg = load_config("tiny", [f"data.shards={tiny_shards}", "checkpoint.monitor=eval/knn_top1"])
+    with pytest.raises(ConfigError, match="checkpoint.monitor: 'eval/knn_top1' is not a metric of the online monitor"):
+        check_runnable(cfg)
