@@ -16,6 +16,7 @@ from biodino.eval.knn import knn_predict
 from biodino.eval.linear_probe import linear_probe_predict
 from biodino.eval.retrieval import retrieval_metrics
 from biodino.eval.simpleshot import simpleshot_predict
+from biodino.eval.svm import svm_predict
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Options:
     temperature: float = 0.07
     seed: int = 0
     recall_at: tuple[int, ...] = (1, 5, 10)
+    svm_iterations: int = 100
 
 
 def _top1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -69,10 +71,16 @@ def linear(train: Split, test: Split, o: Options) -> dict[str, float]:
     return {"top1": _top1(predicted, test.labels), "macro_f1": _macro_f1(predicted, test.labels)}
 
 
+def svm(train: Split, test: Split, o: Options) -> dict[str, float]:
+    predicted = svm_predict(train.embeddings.cpu().numpy(), train.labels.cpu().numpy(), test.embeddings.cpu().numpy(),
+                            o.svm_iterations, o.seed)
+    return {"accuracy": _top1(torch.from_numpy(predicted), test.labels)}
+
+
 # name -> (protocol, stochastic: whether repeats with other seeds differ)
 PROTOCOLS: dict[str, tuple[Callable[[Split, Split, Options], dict[str, float]], bool]] = {
     "knn": (knn, False), "simpleshot": (simpleshot, False), "retrieval": (retrieval, False),
-    "ami": (ami, True), "linear": (linear, False),
+    "ami": (ami, True), "linear": (linear, False), "svm": (svm, True),
 }
 
 

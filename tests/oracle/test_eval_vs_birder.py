@@ -62,3 +62,16 @@ def test_linear_probe_is_within_a_few_points_of_scikit_learn(sets) -> None:
     reference = LogisticRegression(C=1.0 / (1e-4 * len(xtr)), max_iter=2000).fit(scaler.transform(xtr), ytr)
     assert ours["top1"] == pytest.approx(reference.score(scaler.transform(xte), yte), abs=0.03)
     assert 0.0 < ours["macro_f1"] <= 1.0
+
+
+def test_svm_equals_birders_on_a_binary_task_with_the_same_seed(sets) -> None:
+    from birder.eval.methods.svm import evaluate_svm
+
+    (xtr, ytr), (xte, yte), _, _ = sets
+    keep_tr, keep_te = ytr < 2, yte < 2  # a binary task, as NeWT's
+    train = Split(torch.from_numpy(xtr[keep_tr]), torch.from_numpy(ytr[keep_tr]))
+    test = Split(torch.from_numpy(xte[keep_te]), torch.from_numpy(yte[keep_te]))
+    ours = evaluate(train, test, ["svm"], Options(seed=3, svm_iterations=8))["svm"]["accuracy"]
+    predicted, _ = evaluate_svm(xtr[keep_tr], ytr[keep_tr], xte[keep_te], yte[keep_te], n_iter=8, n_jobs=1, seed=3)
+    assert ours == float(np.mean(predicted == yte[keep_te]))
+    assert ours > 0.6
