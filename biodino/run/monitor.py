@@ -10,6 +10,7 @@ every rank, and identical inputs give every rank the same numbers with no gather
 from __future__ import annotations
 
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,11 @@ class EvalMonitor(L.Callback):
         self.images = torch.stack([resize(load_rgb(p)) for p in paths])  # uint8, decoded once
         self.labels = torch.tensor(labels)
         self.latest: tuple[int, dict[str, float]] = (-1, {})  # the step last evaluated and its metrics
-        rank_in_class = [labels[:i].count(label) for i, label in enumerate(labels)]
+        seen: Counter = Counter()
+        rank_in_class = []
+        for label in labels:
+            rank_in_class.append(seen[label])
+            seen[label] += 1
         # alternate images of each class: gallery, query, gallery, ... (host index lists: no device sync)
         self.gallery = torch.tensor([i for i, r in enumerate(rank_in_class) if r % 2 == 0])
         self.queries = torch.tensor([i for i, r in enumerate(rank_in_class) if r % 2 == 1])
