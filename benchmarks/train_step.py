@@ -38,10 +38,12 @@ from biodino.config.recipe import load_config
 from biodino.config.schema import TrainConfig
 from biodino.data.datamodule import mask_sampler
 from biodino.data.masking import masked_positions
+from biodino.models import PRESETS
 from biodino.run.trainer import build_module
 
 BIRDER_NETWORKS = {"vit_reg4_so150m_p14_ls": "vit_reg4_so150m_p14_ls"}  # biodino preset -> birder network
 CENSUS_STEPS = 3
+TINY_RECIPE = "tiny"  # where a bare backbone preset runs: tiny heads and crops
 
 
 class RepeatedBatch(IterableDataset):
@@ -197,7 +199,8 @@ def _free(device: torch.device) -> None:
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", default="bio_dino/stage1_224", help="a recipe (its model, crops and heads)")
+    p.add_argument("--preset", default="bio_dino/stage1_224",
+                   help="a recipe (its model, crops and heads), or a backbone preset (in the tiny recipe)")
     p.add_argument("--batch", type=int, default=48, help="images per GPU")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5, help="steps run before timing (compilation happens here)")
@@ -211,7 +214,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     precision = args.precision or ("bf16-mixed" if device.type == "cuda" else "32-true")
-    cfg = load_config(args.preset, [f"schedule.batch_size={args.batch}", "schedule.accumulate_grad_batches=1",
+    recipe, model = (TINY_RECIPE, [f"model.preset={args.preset}"]) if args.preset in PRESETS else (args.preset, [])
+    cfg = load_config(recipe, [*model, f"schedule.batch_size={args.batch}", "schedule.accumulate_grad_batches=1",
                                     f"trainer.precision={precision}", f"trainer.compile={str(args.compile).lower()}",
                                     f"model.attn_backend={args.attn}", "trainer.devices=1", "trainer.strategy=auto",
                                     f"trainer.accelerator={device.type}", *args.set])
