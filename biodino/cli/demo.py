@@ -11,7 +11,8 @@ import torch
 
 from biodino.data.pack import PackOptions, pack
 from biodino.data.synthetic import SHAPE_CLASSES, write_shapes
-from biodino.eval.embed import embed_images, eval_transform, image_paths
+from biodino.eval.embed import embed_images, eval_transform
+from biodino.eval.embed_inputs import labelled_paths
 from biodino.eval.knn import knn_accuracy
 from biodino.models import VisionTransformer, build_backbone
 from biodino.interop.export import export_backbone, load_backbone, load_training_state
@@ -26,7 +27,7 @@ def labelled_folder(root: Path) -> list[tuple[Path, int]]:
     classes = sorted(d for d in root.iterdir() if d.is_dir())
     if len(classes) < 2:
         raise FileNotFoundError(f"{root} needs one sub-folder per class (at least 2) for the k-NN evaluation")
-    return [(p, label) for label, d in enumerate(classes) for p in image_paths([str(d)])]
+    return [(p, label) for label, d in enumerate(classes) for p in labelled_paths([str(d)])[0]]
 
 
 def split(items: list[tuple[Path, int]]) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:

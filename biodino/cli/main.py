@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from biodino.cli.embed import add_embed
 from biodino.cli.evaluate import add_eval
 from biodino.cli.usage import UsageError
 
@@ -162,45 +163,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_embed(args: argparse.Namespace) -> int:
-    from biodino.eval.embed import embed_images, eval_transform, labelled_paths, write_embeddings
-    from biodino.interop.export import load_backbone
-    from biodino.checkpoint.safe_load import CheckpointError
-
-    out = Path(args.out)
-    if out.suffix not in (".npz", ".parquet"):
-        raise UsageError(f"--out must end in .npz or .parquet, got {out.name}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    if args.workers < 0:
-        raise UsageError(f"--workers must be at least 0, got {args.workers}")
-    skipped: list[tuple[Path, str]] = []
-    try:
-        backbone, meta = load_backbone(Path(args.model))
-        paths, labels = labelled_paths(args.images, skipped)
-    except (CheckpointError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
-    if not paths:
-        raise UsageError(f"no images in {', '.join(args.images)}")
-    transform = eval_transform(meta["resolution"], meta["normalization"]["mean"], meta["normalization"]["std"])
-    import torch
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    embeddings = embed_images(backbone.to(device).eval(), paths, transform, args.batch_size, skipped, args.workers,
-                              args.features)
-    bad = {p for p, _ in skipped}
-    kept = [i for i, p in enumerate(paths) if p not in bad]
-    for path, why in skipped:
-        print(f"skipped {path}: {why}", file=sys.stderr)
-    if not kept:
-        raise UsageError(f"none of the {len(paths)} images could be read")
-    write_embeddings(out, embeddings, [paths[i] for i in kept], None if labels is None else [labels[i] for i in kept])
-    classes = f", {len(set(labels))} classes" if labels is not None else ""
-    print(f"{len(kept)} embeddings of size {embeddings.shape[1]}{classes} -> {out}; {len(skipped)} skipped")
-    return 0
-
-
-def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
+def _add_train_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train from a recipe; run again on the same run directory to resume")
     p.add_argument("recipe", help="a recipe YAML file or a name under configs/ (e.g. demo)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. schedule.batch_size=32")
@@ -220,17 +183,6 @@ def _add_train_export_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default=None,
                    help="a birder source's backbone preset (default: the one preset matching its tensor shapes)")
     p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("embed", help="embed images with an exported backbone (labels from class sub-folders)")
-    p.add_argument("model", help="a backbone .safetensors written by biodino export")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--out", required=True, help="output .npz (embeddings, paths, labels) or .parquet")
-    p.add_argument("--features", choices=["cls", "cls+mean", "mean"], default="cls",
-                   help="class token (default), class token and mean patch token, or mean patch token")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding and resizing")
-    p.add_argument("--device", default="auto", help="auto: cuda when available, else cpu")
-    p.set_defaults(func=_cmd_embed)
 
 
 def _cmd_slurm(args: argparse.Namespace) -> int:
@@ -308,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="count parameters at this input size (presets whose patch does not divide it are skipped)")
     models.set_defaults(func=_cmd_models)
     _add_pack(sub)
-    _add_train_export_embed(sub)
+    _add_train_export(sub)
     _add_slurm(sub)
+    add_embed(sub)
     add_eval(sub)
     p = sub.add_parser("demo", help="generate labelled images, train a tiny DINOv2 on CPU, report k-NN vs random init")
     p.add_argument("--data", default=None, help="your own images instead: a folder with one sub-folder per class")

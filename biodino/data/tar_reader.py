@@ -26,6 +26,7 @@ class TarShard:
                     members.setdefault(str(Path(m.name).parent / key), {})[ext] = (m.offset_data, m.size)
         except (tarfile.ReadError, EOFError, OSError):
             self.truncated = True
+        self.keys = list(members)  # the samples' WebDataset keys (member path up to the first dot)
         self.samples = list(members.values())
 
     def __len__(self) -> int:

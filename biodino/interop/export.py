@@ -158,3 +158,31 @@ def load_backbone(path: Path) -> tuple[VisionTransformer, dict[str, Any]]:
         raise CheckpointError(f"{path}: its metadata does not describe a backbone ({err})") from None
     load_exactly(backbone, tensors, path, f"the architecture its metadata describes ({sidecar.get('preset')})")
     return backbone.eval(), sidecar
+
+
+def is_backbone_export(path: Path) -> bool:
+    """A safetensors file carrying biodino's backbone sidecar in its metadata."""
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("biodino", "{}")).get("format") == BACKBONE_FORMAT
+    except (SafetensorError, OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+def load_encoder(source: Path, network: str = "teacher") -> tuple[VisionTransformer, dict[str, Any]]:
+    """A backbone to embed with, and the resolution and normalization it expects: a backbone export as it is, or
+    the ``network`` backbone of any training state ``load_training_state`` reads (run directory, checkpoint, full
+    weights, birder file)."""
+    if is_backbone_export(source):
+        if network != "teacher":
+            raise CheckpointError(f"{source} is a backbone export (one network); the {network} needs full training "
+                                  "weights, a checkpoint or a run directory")
+        return load_backbone(source)
+    state = load_training_state(source)
+    backbone = backbone_from_state(state, network).eval()
+    crops = state.cfg.crops
+    return backbone, {"resolution": backbone.image_size, "preset": state.cfg.model.preset,
+                      "source": str(state.source), "step": state.step,
+                      "normalization": {"mean": list(crops.normalize_mean), "std": list(crops.normalize_std)}}

@@ -19,7 +19,8 @@ import torch
 from torchvision.transforms import v2 as T
 
 from biodino.config.schema import ConfigError, TrainConfig
-from biodino.eval.embed import labelled_paths, load_rgb
+from biodino.eval.embed import load_rgb
+from biodino.eval.embed_inputs import labelled_paths
 from biodino.eval.protocols import Options, Split, evaluate
 
 

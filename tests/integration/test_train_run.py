@@ -157,7 +157,7 @@ def test_embed_cli_writes_embeddings_with_paths(full_run, tmp_path) -> None:
     images = [save_photo(tmp_path / "imgs" / f"{i}.jpg", seed=i, width=50, height=40) for i in range(5)]
     assert main(["embed", str(model), str(tmp_path / "imgs"), "--out", str(tmp_path / "e.npz")]) == 0
     data = np.load(tmp_path / "e.npz")
-    assert data["embeddings"].shape == (5, 96) and list(data["paths"]) == [str(p) for p in images]
+    assert data["embeddings"].shape == (5, 96) and list(data["keys"]) == [str(p) for p in images]
     assert main(["embed", str(model), str(tmp_path / "nothing"), "--out", str(tmp_path / "f.npz")]) == 2
     assert "labels" not in data.files  # images directly in the folder: no classes
 
@@ -180,7 +180,7 @@ def test_export_embed_eval_from_class_folders(full_run, tmp_path, capsys) -> Non
         assert main(["embed", str(model), str(tmp_path / split), "--out", str(tmp_path / f"{split}.npz"),
                      "--workers", "2", "--batch-size", "4", "--features", "cls+mean"]) == 0
     data = np.load(tmp_path / "train.npz")
-    paths = [Path(p) for p in data["paths"]]
+    paths = [Path(p) for p in data["keys"]]
     assert sorted(set(data["labels"])) == ["bee", "moth"] and data["embeddings"].shape == (12, 192)
     assert all(Path(p).parent.name == label for p, label in zip(paths, data["labels"]))
     backbone, meta = load_backbone(model)

@@ -169,7 +169,7 @@ def test_embed_reads_rotated_images_upright_and_skips_unreadable_ones(tmp_path, 
     assert "3 embeddings of size 96" in captured.out and "1 skipped" in captured.out
     assert f"skipped {images / 'c_broken.jpg'}" in captured.err
     data = np.load(tmp_path / "e.npz")
-    assert [Path(p).name for p in data["paths"]] == ["a_upright.png", "b_sideways.png", "d_deep.png"]
+    assert [Path(p).name for p in data["keys"]] == ["a_upright.png", "b_sideways.png", "d_deep.png"]
     np.testing.assert_array_equal(data["embeddings"][0], data["embeddings"][1])
 
     empty = tmp_path / "empty"
