@@ -97,9 +97,10 @@ def backbone_from_state(state: TrainingState, network: str = "teacher") -> Visio
 
 
 def export_backbone(state: TrainingState, out_dir: Path, network: str = "teacher",
-                    resolution: Optional[int] = None, tag: Optional[str] = None, fmt: Format = "biodino") -> Path:
+                    resolution: Optional[int] = None, tag: Optional[str] = None, fmt: Format = "biodino",
+                    name: Optional[str] = None) -> Path:
     """Write the backbone (position embedding resized to ``resolution`` if given): ours with its sidecar, or
-    birder's release layout (``fmt="birder"``)."""
+    birder's release layout (``fmt="birder"``), named ``PRESET_TAG_STEP`` unless ``name`` is given."""
     backbone = backbone_from_state(state, network)
     if resolution is not None and resolution != backbone.image_size:
         backbone.resize_pos_embed(resolution)
@@ -107,7 +108,7 @@ def export_backbone(state: TrainingState, out_dir: Path, network: str = "teacher
     provenance = {"source": str(state.source), "step": state.step, "run": cfg.name, "network": network,
                   "objective": cfg.objective.name, "biodino": biodino.__version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    stem = f"{cfg.model.preset}_{tag or cfg.name}_{state.step}"
+    stem = name or f"{cfg.model.preset}_{tag or cfg.name}_{state.step}"
     if fmt == "birder":
         return birder_format.save_backbone(backbone, out_dir / f"{stem}.pt", cfg.crops.normalize_mean,
                                            cfg.crops.normalize_std, {"preset": cfg.model.preset, **provenance})

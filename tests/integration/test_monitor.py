@@ -5,6 +5,7 @@ every evaluation step to the history and the metrics table, drawn in plots/eval.
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,10 @@ from biodino.interop.export import export_backbone, load_backbone, load_training
 from biodino.run.history import read_history
 from biodino.run.monitor import EvalMonitor, held_out
 from biodino.run.trainer import check_runnable, train
+from biodino.run.stages import load_schedule
 from tests.images import save_photo
+
+TINY_RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +74,26 @@ def test_a_missing_or_unlabelled_eval_folder_is_refused_before_anything_is_writt
         held_out(str(tmp_path / "flat"), 10)
 
 
-def test_the_best_checkpoint_by_the_monitored_metric_is_kept_besides_the_newest(tiny_shards, held_out_folder,
+def test_the_best_checkpoint_is_kept_besides_the_newest_and_a_stage_exports_it(tiny_shards, held_out_folder,
                                                                                tmp_path) -> None:
+    """A one-stage schedule with ``export: best``: best.json names the step where the monitored metric first
+    peaked, that checkpoint survives keep_last=1, and the stage's backbone export holds its teacher."""
     import json
 
-    cfg = load_config("tiny", [f"data.shards={tiny_shards}", f"runs_dir={tmp_path}", "name=b", "schedule.epochs=1",
-                               "schedule.steps_per_epoch=8", "checkpoint.every_n_steps=2", "checkpoint.keep_last=1",
-                               f"eval.data={held_out_folder}", "eval.k=3", "eval.protocols=[retrieval]",
-                               "checkpoint.monitor=eval/retrieval_map", "logging.wandb=disabled"])
-    train(cfg)
-    run = RunDir(tmp_path / "b")
+    import torch
+    from safetensors.torch import load_file
+
+    from biodino.run.stages import load_schedule, run_schedule
+
+    overrides = [f"data.shards={tiny_shards}", "schedule.epochs=1", "schedule.steps_per_epoch=8",
+                 "checkpoint.every_n_steps=2", "checkpoint.keep_last=1", f"eval.data={held_out_folder}", "eval.k=3",
+                 "eval.protocols=[retrieval]", "checkpoint.monitor=eval/retrieval_map", "logging.wandb=disabled"]
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text(json.dumps({"name": "sched", "stages": [{"name": "only", "recipe": str(TINY_RECIPE),
+                                                                 "overrides": overrides, "export": "best"}]}))
+    (stage,) = load_schedule(str(schedule), [f"runs_dir={tmp_path}"])
+    run_schedule([stage])
+    run = RunDir(tmp_path / "sched-only")
     history = read_history(run.history)
     scores = {s + 1: m["eval/retrieval_map"] for s, m in history.items() if "eval/retrieval_map" in m}
     assert sorted(scores) == [2, 4, 6, 8]
@@ -89,6 +103,23 @@ def test_the_best_checkpoint_by_the_monitored_metric_is_kept_besides_the_newest(
     assert best["value"] == pytest.approx(scores[best_step])
     kept = sorted(p.name for p in run.checkpoints.glob("step=*.ckpt"))
     assert kept == sorted({f"step={best_step:07d}.ckpt", "step=0000008.ckpt"})
+    exported = load_file(str(run.root / "export" / "backbone.safetensors"))
+    teacher = {k[len("teacher.backbone."):]: v for k, v in
+               load_training_state(run.checkpoints / f"step={best_step:07d}.ckpt").weights.items()
+               if k.startswith("teacher.backbone.")}
+    assert exported.keys() == teacher.keys() and all(torch.equal(exported[k], teacher[k]) for k in teacher)
+    sidecar = json.loads((run.root / "export" / "backbone.json").read_text())
+    assert sidecar["provenance"]["step"] == best_step and (run.root / "final.safetensors").is_file()
+
+
+def test_export_best_needs_a_monitored_metric(tmp_path) -> None:
+    schedule = tmp_path / "schedule.yaml"
+    schedule.write_text(f"name: s\nstages:\n  - {{name: a, recipe: {TINY_RECIPE}, export: best}}\n")
+    with pytest.raises(ConfigError, match=r"stages\[0\].export: best needs checkpoint.monitor"):
+        load_schedule(str(schedule))
+    schedule.write_text(f"name: s\nstages:\n  - {{name: a, recipe: {TINY_RECIPE}, export: first}}\n")
+    with pytest.raises(ConfigError, match=r"export must be one of last, best, got 'first'"):
+        load_schedule(str(schedule))
 
 
 def test_a_monitored_metric_needs_the_monitor(tiny_shards, tmp_path) -> None:

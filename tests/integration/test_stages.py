@@ -3,6 +3,7 @@ and the shipped Bio-DINO schedule's values against the published table."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -59,6 +60,8 @@ def test_the_tiny_schedule_runs_its_stages_and_a_killed_stage_resumes_without_re
         assert (cfg.crops.global_size, cfg.name) == (size, f"bio_dino_tiny-{name}")
         assert sorted(read_history(run.history)) == list(range(6))
         assert _pos_tokens(run.root / "final.safetensors") == 1 + (size // 8) ** 2  # class token + patch grid
+        sidecar = json.loads((run.root / "export" / "backbone.json").read_text())  # export: last (the default)
+        assert (sidecar["provenance"]["step"], sidecar["resolution"]) == (6, size)
     # each later stage started from its predecessor's final full weights
     assert load_config(str(stages["s2_40"].config)).init.full_weights == str(stages["s1_32"].root / "final.safetensors")
     assert load_config(str(stages["s3_48"].config)).init.full_weights == str(stages["s2_40"].root / "final.safetensors")
