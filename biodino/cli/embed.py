@@ -20,6 +20,12 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image folders (a class per sub-folder gives labels), image files, list "
                    "files (lines: path or path<TAB>label), shard indexes (.json) or shard globs")
     p.add_argument("--out", required=True, help="output .npz (embeddings, keys, labels) or .parquet")
+    add_embed_options(p)
+    p.set_defaults(func=cmd_embed)
+
+
+def add_embed_options(p: argparse.ArgumentParser) -> None:
+    """The options of how to embed, shared by ``biodino embed`` and ``biodino eval --model``."""
     net = p.add_mutually_exclusive_group()
     net.add_argument("--teacher", dest="network", action="store_const", const="teacher", default="teacher",
                      help="embed with the teacher backbone (default)")
@@ -34,13 +40,11 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes decoding and resizing")
     p.add_argument("--part-size", type=int, default=1024, help="images per resumable part (a shard is one part)")
     p.add_argument("--device", default="auto", help="auto: this rank's GPU when there is one, else cpu")
-    p.set_defaults(func=cmd_embed)
 
 
-def _validate(args: argparse.Namespace) -> None:
+def _validate(args: argparse.Namespace, out: Path) -> None:
     from biodino.eval.embed_output import SUFFIXES
 
-    out = Path(args.out)
     if out.suffix not in SUFFIXES:
         raise UsageError(f"--out must end in {' or '.join(SUFFIXES)}, got {out.name}")
     if out.suffix == ".parquet":
@@ -54,26 +58,35 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
 
 
-def cmd_embed(args: argparse.Namespace) -> int:
+def embed(args: argparse.Namespace, model: str, inputs: list[str], out: Path):
+    """Run ``biodino embed``'s job (validated first); the result on rank 0, None on the others. Errors are
+    usage errors; a rank that learns of rank 0's failure exits 2 quietly."""
     from biodino.checkpoint.safe_load import CheckpointError
-    from biodino.run.embed_job import EmbedRequest, RankFailedError, run_embed, summary
+    from biodino.run.embed_job import EmbedRequest, RankFailedError, run_embed
     from biodino.run.run_lock import RunLockedError
 
-    _validate(args)
-    req = EmbedRequest(Path(args.model), tuple(args.inputs), Path(args.out), args.network, args.features,
-                       args.resolution, args.label_key, args.batch_size, args.workers, args.part_size, args.device)
+    _validate(args, out)
+    req = EmbedRequest(Path(model), tuple(inputs), out, args.network, args.features, args.resolution,
+                       args.label_key, args.batch_size, args.workers, args.part_size, args.device)
     try:
         result = run_embed(req)
     except (CheckpointError, RunLockedError, FileNotFoundError, ValueError) as err:  # InputError, mismatched parts
         raise UsageError(str(err).splitlines()[0]) from None
     except RankFailedError:
-        return 2
-    if result is None:  # not rank 0
-        return 0
-    for key, why in result.skipped[:MAX_NAMED_SKIPS]:
-        print(f"skipped {key}: {why}", file=sys.stderr)
-    if len(result.skipped) > MAX_NAMED_SKIPS:
-        print(f"... and {len(result.skipped) - MAX_NAMED_SKIPS} more, all in {result.out}.skipped.tsv",
-              file=sys.stderr)
-    print(summary(result))
+        raise SystemExit(2) from None
+    if result is not None:
+        for key, why in result.skipped[:MAX_NAMED_SKIPS]:
+            print(f"skipped {key}: {why}", file=sys.stderr)
+        if len(result.skipped) > MAX_NAMED_SKIPS:
+            print(f"... and {len(result.skipped) - MAX_NAMED_SKIPS} more, all in {result.out}.skipped.tsv",
+                  file=sys.stderr)
+    return result
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from biodino.run.embed_job import summary
+
+    result = embed(args, args.model, args.inputs, Path(args.out))
+    if result is not None:
+        print(summary(result))
     return 0

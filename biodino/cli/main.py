@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from biodino.cli.embed import add_embed
 from biodino.cli.evaluate import add_eval
+from biodino.cli.slurm import add_slurm
 from biodino.cli.usage import UsageError
 
 USAGE_ERROR = 2
@@ -185,54 +186,6 @@ def _add_train_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
-def _cmd_slurm(args: argparse.Namespace) -> int:
-    from biodino.config.recipe import ConfigError, load_config
-    from biodino.run.slurm import Allocation, recipe_args, render, submit_chain, world_overrides
-    from biodino.run.stages import is_schedule, load_schedule
-
-    try:
-        alloc = Allocation(args.nodes, args.gpus_per_node, args.cpus_per_task, args.partition, args.time,
-                           args.account, tuple(args.sbatch_option))
-        world = world_overrides(alloc)
-        if is_schedule(args.recipe):  # one job per stage, each after the previous one succeeded
-            load_schedule(args.recipe, [*args.overrides, *world])  # validates every stage as it will run
-            jobs = [(st.cfg, list(st.train_args)) for st in load_schedule(args.recipe, args.overrides)]
-        else:
-            jobs = [(load_config(args.recipe, [*args.overrides, *world]), recipe_args(args.recipe, args.overrides))]
-    except (ConfigError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    scripts = [render(cfg, train_args, alloc) for cfg, train_args in jobs]
-    if not args.submit:
-        for i, script in enumerate(scripts):
-            if len(scripts) > 1:
-                after = f", submitted with --dependency=afterok:<job of {jobs[i - 1][0].name}>" if i else ""
-                print(f"### job {i + 1} of {len(scripts)}: {jobs[i][0].name}{after}")
-            print(script, end="")
-        return 0
-    try:
-        for (cfg, _), job in zip(jobs, submit_chain(scripts)):
-            print(f"{job} {cfg.name}" if len(jobs) > 1 else job)
-    except (OSError, RuntimeError) as err:
-        raise UsageError(str(err)) from None
-    return 0
-
-
-def _add_slurm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("slurm", help="render an sbatch script for a recipe (printed), or submit it with --submit")
-    p.add_argument("recipe", help="a recipe YAML file or a name under configs/")
-    p.add_argument("--nodes", type=int, required=True)
-    p.add_argument("--gpus-per-node", type=int, required=True, help="one task per GPU; 0: one CPU task per node")
-    p.add_argument("--cpus-per-task", type=int, default=None, help="default: data.num_workers + 2")
-    p.add_argument("--partition", default=None)
-    p.add_argument("--time", default=None, help="time limit, e.g. 48:00:00")
-    p.add_argument("--account", default=None)
-    p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
-                   help="a further #SBATCH option, e.g. --qos=high (repeatable)")
-    p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job id")
-    p.add_argument("overrides", nargs="*", help="key=value overrides passed to biodino train")
-    p.set_defaults(func=_cmd_slurm)
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from biodino.cli.demo import describe, run_demo
 
@@ -261,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
     _add_pack(sub)
     _add_train_export(sub)
-    _add_slurm(sub)
+    add_slurm(sub)
     add_embed(sub)
     add_eval(sub)
     p = sub.add_parser("demo", help="generate labelled images, train a tiny DINOv2 on CPU, report k-NN vs random init")

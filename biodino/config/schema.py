@@ -18,7 +18,7 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("bfloat16", "float16", "float32")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
-EVAL_PROTOCOLS = ("knn", "simpleshot", "retrieval", "ami", "linear", "svm")  # biodino.eval.protocols.PROTOCOLS
+EVAL_PROTOCOLS = ("knn", "simpleshot", "retrieval", "ami", "linear", "svm", "mlp")  # biodino.eval.protocols.PROTOCOLS
 
 
 class ConfigError(ValueError):

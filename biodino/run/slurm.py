@@ -1,7 +1,9 @@
-"""``biodino slurm``: an sbatch script rendered from ``slurm/train.sbatch.template`` for a recipe, and its submission."""
+"""``biodino slurm``: sbatch scripts rendered from ``slurm/*.sbatch.template`` for a recipe or a schedule's stages
+(and, with ``--eval``, an evaluation job after each), and their submission as a dependency graph."""
 
 from __future__ import annotations
 
+import glob
 import shlex
 import subprocess
 import sys
@@ -49,21 +51,62 @@ def recipe_args(recipe: str, overrides: Sequence[str]) -> list[str]:
     return [str(path.resolve()) if path.is_file() else recipe, *overrides]
 
 
+def _resources(alloc: Allocation, cpus: int, gpus: int) -> tuple[str, str]:
+    """The GPU and CPU directives, and the optional ones (partition, time, account, extras)."""
+    resources = (f"#SBATCH --gpus-per-node={gpus}\n" if gpus else "") + f"#SBATCH --cpus-per-task={cpus}\n"
+    optional = [f"#SBATCH --{key}={value}" for key, value in
+                (("partition", alloc.partition), ("time", alloc.time), ("account", alloc.account)) if value]
+    return resources, "\n".join(optional + [f"#SBATCH {option}" for option in alloc.extra])
+
+
 def render(cfg: TrainConfig, train_args: Sequence[str], alloc: Allocation, workdir: Optional[Path] = None,
            python: str = sys.executable) -> str:
     """The sbatch script running ``python -m biodino train TRAIN_ARGS`` on the allocation. ``cfg`` (already
     validated by the caller) names the job and sizes the CPUs per task."""
-    resources = f"#SBATCH --gpus-per-node={alloc.gpus_per_node}\n" if alloc.gpus_per_node else ""
     cpus = alloc.cpus_per_task or cfg.data.num_workers + 2
-    resources += f"#SBATCH --cpus-per-task={cpus}\n"
-    optional = [f"#SBATCH --{key}={value}" for key, value in
-                (("partition", alloc.partition), ("time", alloc.time), ("account", alloc.account)) if value]
-    optional += [f"#SBATCH {option}" for option in alloc.extra]
+    resources, optional = _resources(alloc, cpus, alloc.gpus_per_node)
     command = [python, "-m", "biodino", "train", *train_args, *world_overrides(alloc)]
     return Template(slurm_template().read_text()).substitute(
         job_name=f"biodino-{cfg.name}", nodes=alloc.nodes, tasks_per_node=alloc.tasks_per_node,
         resources=resources, output="%x-%j.out", workdir=str((workdir or Path.cwd()).resolve()),
-        optional="\n".join(optional), threads=max(cpus - cfg.data.num_workers, 1),
+        optional=optional, threads=max(cpus - cfg.data.num_workers, 1),
+        command=" ".join(shlex.quote(a) for a in command))
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """``--eval TRAIN_DATA,TEST_DATA``: what ``biodino eval --train-data/--test-data`` embeds, and the protocols."""
+
+    train_data: str
+    test_data: str
+    protocols: str = "knn,simpleshot,retrieval"
+
+    @classmethod
+    def parse(cls, spec: str, protocols: str) -> "EvalSpec":
+        parts = [p.strip() for p in spec.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError(f"--eval must be TRAIN_DATA,TEST_DATA (two image folders, lists or shard specs), got "
+                             f"{spec!r}")
+        for part in parts:
+            if not (glob.glob(part) if set("*?[") & set(part) else Path(part).exists()):
+                raise ValueError(f"--eval: {part} not found")
+        return cls(*(part if set("*?[") & set(part) else str(Path(part).resolve()) for part in parts), protocols)
+
+
+def render_eval(cfg: TrainConfig, model: Path, spec: EvalSpec, alloc: Allocation, workdir: Optional[Path] = None,
+                python: str = sys.executable) -> str:
+    """The sbatch script evaluating ``model`` (a stage's export or a run directory) on one node, one GPU when the
+    training had GPUs; results.json, results.md and the embeddings (eval/) go to the run directory."""
+    run = Path(cfg.runs_dir).resolve() / cfg.name
+    cpus = alloc.cpus_per_task or cfg.data.num_workers + 2
+    resources, optional = _resources(alloc, cpus, min(alloc.gpus_per_node, 1))
+    command = [python, "-m", "biodino", "eval", "--model", str(model), "--train-data", spec.train_data,
+               "--test-data", spec.test_data, "--protocol", spec.protocols, "--workers", str(max(cpus - 1, 0)),
+               "--json", str(run / "results.json"), "--markdown", str(run / "results.md"),
+               "--embeddings", str(run / "eval")]
+    return Template(slurm_template("eval.sbatch.template").read_text()).substitute(
+        job_name=f"biodino-{cfg.name}-eval", resources=resources, output="%x-%j.out",
+        workdir=str((workdir or Path.cwd()).resolve()), optional=optional, threads=1,
         command=" ".join(shlex.quote(a) for a in command))
 
 
@@ -76,9 +119,9 @@ def submit(script: str, after: Optional[str] = None, sbatch: str = "sbatch") -> 
     return proc.stdout.strip().split(";")[0]
 
 
-def submit_chain(scripts: Sequence[str], sbatch: str = "sbatch") -> list[str]:
-    """One job per script, each starting only after the previous one completed successfully."""
+def submit_graph(jobs: Sequence[tuple[str, Optional[int]]], sbatch: str = "sbatch") -> list[str]:
+    """Submit (script, index of the job it waits for, or None) in order; each waits for that job's success."""
     ids: list[str] = []
-    for script in scripts:
-        ids.append(submit(script, ids[-1] if ids else None, sbatch))
+    for script, after in jobs:
+        ids.append(submit(script, ids[after] if after is not None else None, sbatch))
     return ids

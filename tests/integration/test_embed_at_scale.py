@@ -188,3 +188,26 @@ def test_a_killed_embed_resumes_from_its_parts(models, tmp_path) -> None:
     assert list(a["keys"]) == list(b["keys"]) and len(a["keys"]) == 13
     np.testing.assert_allclose(a["embeddings"], b["embeddings"], atol=1e-5)
     assert not parts.exists()
+
+
+def test_eval_with_a_model_embeds_first_and_equals_embed_then_eval(models, tmp_path, capsys) -> None:
+    train, test = _classes(tmp_path / "train"), _classes(tmp_path / "test", per_class=3)
+    for split, folder in (("train", train), ("test", test)):
+        assert main(["embed", str(models["full"]), str(folder), "--out", str(tmp_path / f"{split}.npz")]) == 0
+    assert main(["eval", "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"), "--k", "3",
+                 "--json", str(tmp_path / "two_steps.json")]) == 0
+    capsys.readouterr()
+    kept = tmp_path / "kept"
+    assert main(["eval", "--model", str(models["full"]), "--train-data", str(train), "--test-data", str(test),
+                 "--k", "3", "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
+                 "--embeddings", str(kept), "--workers", "0"]) == 0
+    assert "12 embeddings of size 96, 2 classes" in capsys.readouterr().out
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads((tmp_path / "two_steps.json").read_text())
+    assert (tmp_path / "r.md").read_text().startswith("| protocol | metric | value |")
+    np.testing.assert_array_equal(np.load(kept / "test.npz")["embeddings"], np.load(tmp_path / "test.npz")["embeddings"])
+    for args, message in ((["--train", "a.npz", "--model", "m"], "give --train and --test (embedding files) or"),
+                          (["--model", str(models["full"]), "--train-data", str(train)], "--model needs --train-data and"),
+                          ([], "--train and --test are required")):
+        assert main(["eval", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

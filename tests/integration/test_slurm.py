@@ -3,6 +3,7 @@ FSDP2 job over gloo, and a job preempted with SIGUSR1 that saves, requeues itsel
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from biodino.run.history import read_history
 from biodino.checkpoint.run_dir import RunDir
 from biodino.config.recipe import load_config
 from biodino.run.slurm import Allocation, recipe_args, render
+from biodino.cli.main import main
+from tests.images import save_photo
 from tests.slurm_cluster import LocalSlurm, cannot_run_reason
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,19 +112,62 @@ def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster
             assert resumed[step][key] == expected[step][key], (step, key)
 
 
+def test_eval_jobs_render_after_each_stage_on_one_gpu(tmp_path) -> None:
+    for split in ("train", "test"):
+        save_photo(tmp_path / split / "ant" / "0.jpg", seed=1)
+    tiny = ROOT / "configs" / "bio_dino_tiny" / "schedule.yaml"
+    proc = subprocess.run([sys.executable, "-m", "biodino", "slurm", str(tiny), "--nodes", "2", "--gpus-per-node", "8",
+                           "--eval", f"{tmp_path / 'train'},{tmp_path / 'test'}", "--eval-protocol", "knn,linear",
+                           f"runs_dir={tmp_path / 'runs'}"], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    headers = re.findall(r"^### job (\d) of 6: (\S+?)(?:, submitted with --dependency=afterok:<job of (\S+)>)?$",
+                         proc.stdout, flags=re.M)
+    assert headers == [("1", "bio_dino_tiny-s1_32", ""), ("2", "bio_dino_tiny-s1_32:eval", "bio_dino_tiny-s1_32"),
+                       ("3", "bio_dino_tiny-s2_40", "bio_dino_tiny-s1_32"),
+                       ("4", "bio_dino_tiny-s2_40:eval", "bio_dino_tiny-s2_40"),
+                       ("5", "bio_dino_tiny-s3_48", "bio_dino_tiny-s2_40"),
+                       ("6", "bio_dino_tiny-s3_48:eval", "bio_dino_tiny-s3_48")]
+    evaluation = proc.stdout.split("### job 2 of 6")[1].split("### job 3 of 6")[0]
+    assert {k: v for k, v in directives(evaluation).items() if k in ("nodes", "ntasks-per-node", "gpus-per-node")} == {
+        "nodes": "1", "ntasks-per-node": "1", "gpus-per-node": "1"}
+    run = tmp_path / "runs" / "bio_dino_tiny-s1_32"
+    assert (f"-m biodino eval --model {run / 'export' / 'backbone.safetensors'} --train-data {tmp_path / 'train'} "
+            f"--test-data {tmp_path / 'test'} --protocol knn,linear") in evaluation
+    assert f"--json {run / 'results.json'} --markdown {run / 'results.md'}" in evaluation
+    bad = subprocess.run([sys.executable, "-m", "biodino", "slurm", str(tiny), "--nodes", "1", "--gpus-per-node", "0",
+                          "--eval", str(tmp_path / "train")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--eval must be TRAIN_DATA,TEST_DATA" in bad.stderr
+
+
 def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, tiny_shards, tmp_path) -> None:
-    """Two stages of the tiny Bio-DINO schedule as a chain: the second job starts only once the first completed."""
+    """Two stages of the tiny Bio-DINO schedule as a chain: the second job starts only once the first completed;
+    after each, an evaluation job writes the stage's results beside its weights."""
     tiny = ROOT / "configs" / "bio_dino_tiny"
     schedule = tmp_path / "two_stages.yaml"
     schedule.write_text(f"name: chain\nstages:\n  - {{name: a, recipe: {tiny / 'stage1.yaml'}}}\n"
                         f"  - {{name: b, recipe: {tiny / 'stage2.yaml'}}}\n")
+    for split, count in (("train", 4), ("test", 2)):
+        for c in ("ant", "bee"):
+            for i in range(count):
+                save_photo(tmp_path / split / c / f"{i}.jpg", seed=hash((split, c, i)) % 997, width=48, height=40)
     cmd = [sys.executable, "-m", "biodino", "slurm", str(schedule), "--nodes", "1", "--gpus-per-node", "0",
-           "--cpus-per-task", "1", "--submit", f"data.shards={tiny_shards}", f"runs_dir={tmp_path / 'runs'}"]
+           "--cpus-per-task", "1", "--submit", "--eval", f"{tmp_path / 'train'},{tmp_path / 'test'}",
+           "--eval-protocol", "knn,retrieval", f"data.shards={tiny_shards}", f"runs_dir={tmp_path / 'runs'}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=cluster.env)
     assert proc.returncode == 0, proc.stderr
-    (first, first_name), (second, second_name) = (line.split() for line in proc.stdout.splitlines())
-    assert (first_name, second_name) == ("chain-a", "chain-b")
-    assert cluster.job(second)["Dependency"] == f"afterok:{first}(unfulfilled)"
-    done = [cluster.wait(job) for job in (first, second)]
-    assert done[1]["StartTime"] >= done[0]["EndTime"]  # ISO timestamps order as strings
-    assert (tmp_path / "runs" / "chain-b" / "final.safetensors").is_file()
+    jobs = dict(reversed(line.split()) for line in proc.stdout.splitlines())
+    assert list(jobs) == ["chain-a", "chain-a:eval", "chain-b", "chain-b:eval"]
+    assert cluster.job(jobs["chain-b"])["Dependency"] == f"afterok:{jobs['chain-a']}(unfulfilled)"
+    assert cluster.job(jobs["chain-b:eval"])["Dependency"] == f"afterok:{jobs['chain-b']}(unfulfilled)"
+    done = {name: cluster.wait(job) for name, job in jobs.items()}
+    assert all(info["ExitCode"] == "0:0" for info in done.values()), (done, cluster.logs())
+    assert done["chain-b"]["StartTime"] >= done["chain-a"]["EndTime"]  # ISO timestamps order as strings
+    assert done["chain-a:eval"]["StartTime"] >= done["chain-a"]["EndTime"]
+    for stage in ("chain-a", "chain-b"):
+        run = tmp_path / "runs" / stage
+        assert (run / "final.safetensors").is_file() and (run / "results.md").is_file()
+        local = tmp_path / f"{stage}.json"  # the same evaluation, run here on the stage's export
+        assert main(["eval", "--model", str(run / "export" / "backbone.safetensors"), "--train-data",
+                     str(tmp_path / "train"), "--test-data", str(tmp_path / "test"), "--protocol", "knn,retrieval",
+                     "--json", str(local)]) == 0
+        assert json.loads((run / "results.json").read_text()) == json.loads(local.read_text())

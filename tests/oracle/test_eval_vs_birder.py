@@ -1,6 +1,6 @@
 """The frozen-embedding protocols against birder 0.8.4's ``birder.eval.methods`` on the same embeddings: k-NN,
 SimpleShot and retrieval equal, AMI within 0.03 with the same seed; the torch linear probe within a few points of
-scikit-learn's LogisticRegression."""
+scikit-learn's LogisticRegression; the MLP probe's macro F1 within 0.03 of birder's on multi-label traits."""
 
 from __future__ import annotations
 
@@ -75,3 +75,28 @@ def test_svm_equals_birders_on_a_binary_task_with_the_same_seed(sets) -> None:
     predicted, _ = evaluate_svm(xtr[keep_tr], ytr[keep_tr], xte[keep_te], yte[keep_te], n_iter=8, n_jobs=1, seed=3)
     assert ours == float(np.mean(predicted == yte[keep_te]))
     assert ours > 0.6
+
+
+def _traits(n: int, dim: int, traits: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 traits as noisy random linear functions of Gaussian features, thresholded at 20-50% positives."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim))
+    z = x @ rng.normal(size=(dim, traits)) / np.sqrt(dim) + 0.5 * rng.normal(size=(n, traits))
+    cut = np.array([np.quantile(z[:, t], q) for t, q in enumerate(rng.uniform(0.5, 0.8, size=traits))])
+    return x.astype(np.float32), (z > cut).astype(np.float32)
+
+
+def test_mlp_probe_is_within_three_points_of_birders_with_the_same_settings() -> None:
+    from birder.eval.methods.mlp import evaluate_mlp, train_mlp
+
+    x, y = _traits(1800, 32, 6, 0)
+    (xtr, ytr), (xte, yte) = (x[:800], y[:800]), (x[800:], y[800:])
+    o = Options(seed=1, mlp_epochs=40)  # birder's AwA2 / FishNet batches of 128 and lr 1e-4; fewer epochs than 100
+    ours = evaluate(Split(torch.from_numpy(xtr), torch.from_numpy(ytr)),
+                    Split(torch.from_numpy(xte), torch.from_numpy(yte)), ["mlp"], o)["mlp"]["macro_f1"]
+    probe = train_mlp(xtr, ytr, 6, torch.device("cpu"), epochs=o.mlp_epochs, batch_size=o.mlp_batch_size, lr=1e-4,
+                      seed=o.seed)
+    _, _, theirs = evaluate_mlp(probe, xte, yte, batch_size=o.mlp_batch_size)
+    assert ours == pytest.approx(theirs, abs=0.03)
+    all_positive = float(np.mean(2 * yte.mean(0) / (1 + yte.mean(0))))  # macro F1 of predicting every trait
+    assert all_positive + 0.05 < ours < 0.95  # a task neither trivial nor hopeless
