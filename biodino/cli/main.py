@@ -201,6 +201,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"k-NN (cosine, k=20) on {result['queries']} held-out images, {result['bank']}-image memory bank:")
     print(f"  trained teacher backbone: {100 * result['knn_trained']:5.1f}%")
     print(f"  same backbone, random init: {100 * result['knn_random']:5.1f}%   (gain {gain:+.1f} points)")
+    curve = ", ".join(f"{step}: {100 * v:.1f}%" for step, v in result["curve"].items())
+    print(f"monitor k-NN on the held-out images by step (plots/eval.png): {curve}")
     print(f"training {result['train_s']:.0f} s, total {result['total_s']:.0f} s; run, curves in plots/: {result['run']}")
     return 0
 

@@ -16,6 +16,10 @@ def test_demo_pipeline_runs_end_to_end_small(tmp_path) -> None:
     assert 0.0 <= result["knn_random"] <= 1.0 and 0.0 <= result["knn_trained"] <= 1.0
     assert list((tmp_path / "export").glob("vit_tiny_p8_demo-seed0_3.safetensors"))
     assert (Path(result["run"]) / "plots" / "losses.png").exists()
+    # the online monitor ran at the end of training on the 20 held-out queries, never trained on
+    assert list(result["curve"]) == [3] and 0.0 <= result["curve"][3] <= 1.0
+    assert (Path(result["run"]) / "plots" / "eval.png").stat().st_size > 0
+    assert sum(1 for _ in (tmp_path / "heldout").rglob("*.png")) == 20
 
 
 def test_split_is_per_class_and_disjoint(tmp_path) -> None:

@@ -101,25 +101,54 @@ def test_export_from_a_sharded_checkpoint_equals_the_consolidated_weights(two_ra
     assert all(torch.equal(exported[k], teacher[k]) for k in teacher)
 
 
-def _train(world: int, shards: Path, runs: Path, epochs: int) -> None:
+def _train(world: int, shards: Path, runs: Path, epochs: int, held_out: Path) -> None:
     torchrun(world, "-m", "biodino", "train", "tiny", f"data.shards={shards}", f"runs_dir={runs}", "name=reshard",
              "trainer.strategy=fsdp", f"trainer.devices={world}", f"schedule.epochs={epochs}",
-             "schedule.steps_per_epoch=3", "checkpoint.every_n_steps=3")
+             "schedule.steps_per_epoch=3", "checkpoint.every_n_steps=3", f"eval.data={held_out}", "eval.k=3",
+             "logging.wandb=disabled")
+
+
+def _monitored(run: RunDir, checkpoint: Path, held_out: Path) -> dict:
+    """The monitor's metrics recomputed independently: the checkpoint's teacher exported and embedded."""
+    from biodino.config.recipe import load_config
+    from biodino.eval.embed import embed_images, eval_transform
+    from biodino.eval.protocols import Options, Split, evaluate
+    from biodino.run.monitor import EvalMonitor, held_out as held_out_images
+
+    cfg = load_config(str(run.config))
+    backbone, meta = load_backbone(export_backbone(load_training_state(checkpoint), checkpoint.parent.parent))
+    paths, labels = held_out_images(str(held_out), cfg.eval.max_images)
+    x = embed_images(backbone, paths, eval_transform(meta["resolution"], meta["normalization"]["mean"],
+                                                     meta["normalization"]["std"]))
+    y, monitor = torch.tensor(labels), EvalMonitor(cfg)
+    return evaluate(Split(x[monitor.gallery], y[monitor.gallery]), Split(x[monitor.queries], y[monitor.queries]),
+                    ["knn", "retrieval"], Options(k=3, seed=cfg.seed))
 
 
 def test_a_sharded_checkpoint_resumes_on_one_rank_and_back_on_two(tiny_shards: Path, tmp_path) -> None:
+    """Also with the online monitor: on 2 FSDP ranks its metrics are those of the consolidated teacher."""
+    from tests.images import save_photo
+
+    held_out = tmp_path / "held_out"
+    for c in range(3):
+        for i in range(4):
+            save_photo(held_out / f"class{c}" / f"{i}.jpg", seed=50 * c + i, width=48, height=40)
     run = RunDir(tmp_path / "reshard")
-    _train(2, tiny_shards, tmp_path, epochs=1)
+    _train(2, tiny_shards, tmp_path, epochs=1, held_out=held_out)
     assert run.newest_checkpoint().name == "step=0000003.ckpt"
     assert sorted(p.name for p in run.newest_checkpoint().glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
-    _train(1, tiny_shards, tmp_path, epochs=2)
+    first = _monitored(run, run.newest_checkpoint(), held_out)
+    _train(1, tiny_shards, tmp_path, epochs=2, held_out=held_out)
     assert sorted(p.name for p in run.newest_checkpoint().glob("*.distcp")) == ["__0_0.distcp"]
-    _train(2, tiny_shards, tmp_path, epochs=3)
+    _train(2, tiny_shards, tmp_path, epochs=3, held_out=held_out)
     assert run.newest_checkpoint().name == "step=0000009.ckpt"
     history = read_history(run.history)
     assert sorted(history) == list(range(9))  # each resumed run continued at the saved step
     assert all(torch.isfinite(torch.tensor(history[s]["loss/total"])) for s in history)
-
+    assert [s for s, m in history.items() if "eval/knn_top1" in m] == [2, 5, 8]
+    for step, expected in ((2, first), (8, _monitored(run, run.newest_checkpoint(), held_out))):
+        assert history[step]["eval/knn_top1"] == pytest.approx(expected["knn"]["top1"]), step
+        assert history[step]["eval/retrieval_map"] == pytest.approx(expected["retrieval"]["map"], abs=1e-5), step
 
 
 class _Exploit:
