@@ -42,7 +42,8 @@ def add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto: this rank's GPU when there is one, else cpu")
 
 
-def _validate(args: argparse.Namespace, out: Path) -> None:
+def validate(args: argparse.Namespace, out: Path) -> None:
+    """The options and the output's format, before anything runs."""
     from biodino.eval.embed_output import SUFFIXES
 
     if out.suffix not in SUFFIXES:
@@ -65,7 +66,7 @@ def embed(args: argparse.Namespace, model: str, inputs: list[str], out: Path):
     from biodino.run.embed_job import EmbedRequest, RankFailedError, run_embed
     from biodino.run.run_lock import RunLockedError
 
-    _validate(args, out)
+    validate(args, out)
     req = EmbedRequest(Path(model), tuple(inputs), out, args.network, args.features, args.resolution,
                        args.label_key, args.batch_size, args.workers, args.part_size, args.device)
     try:

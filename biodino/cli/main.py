@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["slurm", "embed"]:  # `biodino slurm embed ...`: the slurm-embed command
+        argv = ["slurm-embed", *argv[2:]]
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra  # key=value overrides written after options
@@ -240,7 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return func(args)
     except UsageError as err:
-        print(f"biodino {args.command}: error: {err}", file=sys.stderr)
+        print(f"biodino {args.command.replace('-', ' ')}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
     except Exception as err:
         from biodino.fs.atomic import is_disk_full

@@ -11,8 +11,29 @@ from biodino.cli.usage import UsageError
 
 
 def add_slurm(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("slurm", help="render an sbatch script for a recipe (printed), or submit it with --submit")
+    p = sub.add_parser("slurm", help="render an sbatch script for a recipe (printed), or submit it with --submit; "
+                       "`biodino slurm embed MODEL INPUTS --out OUT ...` does the same for an embedding")
     p.add_argument("recipe", help="a recipe or schedule YAML file, or a name under configs/")
+    _add_allocation(p)
+    p.add_argument("--eval", default=None, metavar="TRAIN_DATA,TEST_DATA",
+                   help="after each stage (or the run), a job embedding these with its export and running "
+                   "--eval-protocol; results.json/results.md land in the run directory")
+    p.add_argument("--eval-protocol", default="knn,simpleshot,retrieval", help="protocols of the --eval jobs")
+    p.add_argument("overrides", nargs="*", help="key=value overrides passed to biodino train")
+    p.set_defaults(func=cmd_slurm)
+
+    from biodino.cli.embed import add_embed_options
+
+    p = sub.add_parser("slurm-embed", help="(biodino slurm embed) an embedding job on an allocation, one rank per GPU")
+    p.add_argument("model", help="as biodino embed takes it")
+    p.add_argument("inputs", nargs="+", help="as biodino embed takes them")
+    p.add_argument("--out", required=True, help="output .npz or .parquet")
+    _add_allocation(p)
+    add_embed_options(p)
+    p.set_defaults(func=cmd_slurm_embed)
+
+
+def _add_allocation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, required=True, help="one task per GPU; 0: one CPU task per node")
     p.add_argument("--cpus-per-task", type=int, default=None, help="default: data.num_workers + 2")
@@ -21,13 +42,7 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--account", default=None)
     p.add_argument("--sbatch-option", action="append", default=[], metavar="OPT",
                    help="a further #SBATCH option, e.g. --qos=high (repeatable)")
-    p.add_argument("--eval", default=None, metavar="TRAIN_DATA,TEST_DATA",
-                   help="after each stage (or the run), a job embedding these with its export and running "
-                   "--eval-protocol; results.json/results.md land in the run directory")
-    p.add_argument("--eval-protocol", default="knn,simpleshot,retrieval", help="protocols of the --eval jobs")
     p.add_argument("--submit", action="store_true", help="submit with sbatch and print the job ids")
-    p.add_argument("overrides", nargs="*", help="key=value overrides passed to biodino train")
-    p.set_defaults(func=cmd_slurm)
 
 
 Job = tuple[str, str, Optional[int]]  # name, script, index of the job it runs after
@@ -39,8 +54,7 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     from biodino.run.stages import is_schedule, load_schedule
     from biodino.config.recipe import load_config
 
-    alloc = Allocation(args.nodes, args.gpus_per_node, args.cpus_per_task, args.partition, args.time,
-                       args.account, tuple(args.sbatch_option))
+    alloc = _allocation(args)
     world = world_overrides(alloc)
     spec = EvalSpec.parse(args.eval, ",".join(protocols_of(args.eval_protocol))) if args.eval else None
     if is_schedule(args.recipe):  # one job per stage, each after the previous one succeeded
@@ -58,15 +72,59 @@ def _jobs(args: argparse.Namespace) -> list[Job]:
     return jobs
 
 
+def _allocation(args: argparse.Namespace):
+    from biodino.run.slurm import Allocation
+
+    return Allocation(args.nodes, args.gpus_per_node, args.cpus_per_task, args.partition, args.time, args.account,
+                      tuple(args.sbatch_option))
+
+
 def cmd_slurm(args: argparse.Namespace) -> int:
     from biodino.config.recipe import ConfigError
-    from biodino.run.slurm import submit_graph
 
     try:
         jobs = _jobs(args)
     except (ConfigError, ValueError) as err:
         raise UsageError(str(err)) from None
-    if not args.submit:
+    return _print_or_submit(jobs, args.submit)
+
+
+def cmd_slurm_embed(args: argparse.Namespace) -> int:
+    """Checked here as far as a login node can (options, output, that the model and inputs exist), then run
+    on the allocation as ``biodino embed`` with the same arguments."""
+    import sys
+
+    from biodino.cli.embed import validate
+    from biodino.run.slurm import render_job, spec_exists
+
+    validate(args, Path(args.out))
+    try:
+        alloc = _allocation(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for spec in (args.model, *args.inputs):
+        if not spec_exists(spec):
+            raise UsageError(f"not found: {spec}")
+    command = [sys.executable, "-m", "biodino", "embed", *_embed_args(args)]
+    cpus = args.cpus_per_task or args.workers + 2
+    name = f"biodino-embed-{Path(args.out).stem}"
+    script = render_job(name, command, alloc, cpus, threads=max(cpus - args.workers, 1))
+    return _print_or_submit([(name, script, None)], args.submit)
+
+
+def _embed_args(args: argparse.Namespace) -> list[str]:
+    """``biodino embed``'s arguments, paths made absolute (the job may start elsewhere)."""
+    absolute = lambda s: s if set("*?[") & set(s) else str(Path(s).resolve())  # noqa: E731
+    out = [absolute(args.model), *map(absolute, args.inputs), "--out", absolute(args.out), f"--{args.network}",
+           "--features", args.features, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+           "--part-size", str(args.part_size), "--device", args.device]
+    out += ["--resolution", str(args.resolution)] if args.resolution else []
+    return out + (["--label-key", args.label_key] if args.label_key else [])
+
+
+def _print_or_submit(jobs: list[Job], submit: bool) -> int:
+    from biodino.run.slurm import submit_graph
+    if not submit:
         for i, (name, script, after) in enumerate(jobs):
             if len(jobs) > 1:
                 waits = f", submitted with --dependency=afterok:<job of {jobs[after][0]}>" if after is not None else ""

@@ -6,6 +6,7 @@ embeds only the missing parts; what it reuses was made by the same command (``em
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,9 @@ def run_embed(req: EmbedRequest) -> Optional[EmbedResult]:
             world.barrier()  # every rank has listed the parts before any is written
             pending = [i for i, p in enumerate(plan.parts) if p.name not in done]
             mine = pending[world.rank::world.size]
+            if world.size > 1:
+                print(f"rank {world.rank} of {world.size}: {len(mine)} of the {len(plan.parts)} parts "
+                      f"({len(plan.parts) - len(pending)} written before)", file=sys.stderr, flush=True)
             bar = tqdm(total=sum(plan.parts[i].samples for i in mine), unit="img", disable=world.rank != 0 or None)
 
             def finished(j: int, part: Embedded) -> None:

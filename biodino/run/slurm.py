@@ -7,7 +7,7 @@ import glob
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from string import Template
 from typing import Optional, Sequence
@@ -88,26 +88,39 @@ class EvalSpec:
             raise ValueError(f"--eval must be TRAIN_DATA,TEST_DATA (two image folders, lists or shard specs), got "
                              f"{spec!r}")
         for part in parts:
-            if not (glob.glob(part) if set("*?[") & set(part) else Path(part).exists()):
+            if not spec_exists(part):
                 raise ValueError(f"--eval: {part} not found")
         return cls(*(part if set("*?[") & set(part) else str(Path(part).resolve()) for part in parts), protocols)
 
 
+def spec_exists(spec: str) -> bool:
+    """A path that exists, or a glob that matches: checked before a job is submitted."""
+    return bool(glob.glob(spec)) if set("*?[") & set(spec) else Path(spec).exists()
+
+
+def render_job(name: str, command: Sequence[str], alloc: Allocation, cpus: int, threads: int = 1,
+               workdir: Optional[Path] = None) -> str:
+    """The sbatch script of a job that is not training (``slurm/job.sbatch.template``): ``command`` on every task
+    of the allocation, one task per GPU."""
+    resources, optional = _resources(alloc, cpus, alloc.gpus_per_node)
+    return Template(slurm_template("job.sbatch.template").read_text()).substitute(
+        job_name=name, nodes=alloc.nodes, tasks_per_node=alloc.tasks_per_node, resources=resources,
+        output="%x-%j.out", workdir=str((workdir or Path.cwd()).resolve()), optional=optional, threads=threads,
+        command=" ".join(shlex.quote(a) for a in command))
+
+
 def render_eval(cfg: TrainConfig, model: Path, spec: EvalSpec, alloc: Allocation, workdir: Optional[Path] = None,
                 python: str = sys.executable) -> str:
-    """The sbatch script evaluating ``model`` (a stage's export or a run directory) on one node, one GPU when the
-    training had GPUs; results.json, results.md and the embeddings (eval/) go to the run directory."""
+    """The evaluation job of ``model`` (a stage's export or a run directory) on one task (one GPU when training
+    had GPUs); results.json, results.md and the embeddings (eval/) go to the run directory."""
     run = Path(cfg.runs_dir).resolve() / cfg.name
     cpus = alloc.cpus_per_task or cfg.data.num_workers + 2
-    resources, optional = _resources(alloc, cpus, min(alloc.gpus_per_node, 1))
     command = [python, "-m", "biodino", "eval", "--model", str(model), "--train-data", spec.train_data,
                "--test-data", spec.test_data, "--protocol", spec.protocols, "--workers", str(max(cpus - 1, 0)),
                "--json", str(run / "results.json"), "--markdown", str(run / "results.md"),
                "--embeddings", str(run / "eval")]
-    return Template(slurm_template("eval.sbatch.template").read_text()).substitute(
-        job_name=f"biodino-{cfg.name}-eval", resources=resources, output="%x-%j.out",
-        workdir=str((workdir or Path.cwd()).resolve()), optional=optional, threads=1,
-        command=" ".join(shlex.quote(a) for a in command))
+    one = replace(alloc, nodes=1, gpus_per_node=min(alloc.gpus_per_node, 1))
+    return render_job(f"biodino-{cfg.name}-eval", command, one, cpus, workdir=workdir)
 
 
 def submit(script: str, after: Optional[str] = None, sbatch: str = "sbatch") -> str:

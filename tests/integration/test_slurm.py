@@ -171,3 +171,33 @@ def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(clust
                      str(tmp_path / "train"), "--test-data", str(tmp_path / "test"), "--protocol", "knn,retrieval",
                      "--json", str(local)]) == 0
         assert json.loads((run / "results.json").read_text()) == json.loads(local.read_text())
+
+
+def test_an_embedding_job_on_two_nodes_writes_what_one_local_rank_writes(cluster, tmp_path) -> None:
+    """`biodino slurm embed` on 2 nodes x 1 task: srun's ranks (Lightning's Slurm environment) split the parts,
+    rank 0 merges; the same embeddings as one process here."""
+    import numpy as np
+
+    from biodino.config.recipe import load_config
+    from biodino.interop.export import TrainingState, export_backbone
+    from biodino.run.trainer import build_module
+
+    cfg = load_config("tiny")
+    model = export_backbone(TrainingState(build_module(cfg).state_dict(), cfg, 0, tmp_path / "mem"), tmp_path)
+    for c in ("ant", "bee"):
+        for i in range(5):
+            save_photo(tmp_path / "images" / c / f"{i}.jpg", seed=hash((c, i)) % 997, width=48, height=40)
+    args = [str(model), str(tmp_path / "images"), "--part-size", "2", "--workers", "0"]
+    proc = subprocess.run([sys.executable, "-m", "biodino", "slurm", "embed", *args, "--out", str(tmp_path / "two.npz"),
+                           "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--submit"],
+                          capture_output=True, text=True, cwd=tmp_path, env=cluster.env)
+    assert proc.returncode == 0, proc.stderr
+    info = cluster.wait(proc.stdout.strip())
+    assert info["ExitCode"] == "0:0", (info, cluster.logs())
+    assert main(["embed", *args, "--out", str(tmp_path / "one.npz")]) == 0
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert list(one["keys"]) == list(two["keys"]) and list(one["labels"]) == list(two["labels"])
+    np.testing.assert_allclose(one["embeddings"], two["embeddings"], atol=1e-5)
+    log = next(tmp_path.glob("biodino-embed-two-*.out")).read_text()
+    assert log.count("10 embeddings of size 96, 2 classes") == 1  # rank 0 of 2 reports
+    assert "rank 0 of 2: 3 of the 5 parts" in log and "rank 1 of 2: 2 of the 5 parts" in log
