@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
@@ -168,6 +169,18 @@ def embed_parts(backbone: VisionTransformer, parts: Sequence[Part], prep: Prepro
     loader = DataLoader(_PartBatches(parts, prep, batch_size, label_key), batch_size=None, num_workers=workers,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and workers:  # the workers decode on the other cores: no oversubscribed forward
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) - workers))
+    try:
+        _embed_batches(backbone, loader, parts, prep, on_part, batch_size, features, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _embed_batches(backbone: VisionTransformer, loader: DataLoader, parts: Sequence[Part], prep: Preprocessing,
+                   on_part: Callable[[int, Embedded], None], batch_size: int, features: str,
+                   device: torch.device) -> None:
     pending: dict[int, dict[int, tuple[_Batch, Optional[np.ndarray]]]] = {}
     for batch in loader:
         out = None
