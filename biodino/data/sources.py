@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 
@@ -57,26 +58,33 @@ def list_inputs(inputs: list[str]) -> Listing:
     return listing
 
 
-def _read_list(list_file: Path) -> list[SourceImage]:
-    """Lines ``path`` or ``path<TAB>repeats``; relative paths are relative to the list file; # comments."""
+def list_lines(list_file: Path) -> Iterator[tuple[int, Path, str]]:
+    """(line number, path, text after a tab) of a list file's lines ``path`` or ``path<TAB>field``; relative paths
+    are relative to the list file; blank lines and # comments are skipped."""
     try:
         text = list_file.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise InputError(f"{list_file}: not a text list of image paths (an image? pass its folder)") from None
     except OSError as err:
         raise InputError(f"{list_file}: cannot be read: {err.strerror}") from None
-    images = []
     for n, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        name, _, weight = line.partition("\t")
+        name, _, field = line.partition("\t")
+        path = Path(name)
+        yield n, path if path.is_absolute() else list_file.parent / path, field.strip()
+
+
+def _read_list(list_file: Path) -> list[SourceImage]:
+    """Lines ``path`` or ``path<TAB>repeats``."""
+    images = []
+    for n, path, weight in list_lines(list_file):
         try:
-            repeats = int(weight) if weight.strip() else 1
+            repeats = int(weight) if weight else 1
         except ValueError:
-            raise InputError(f"{list_file}:{n}: repeat count {weight.strip()!r} is not an integer") from None
+            raise InputError(f"{list_file}:{n}: repeat count {weight!r} is not an integer") from None
         if repeats < 1:
             raise InputError(f"{list_file}:{n}: repeat count must be >= 1, got {repeats}")
-        path = Path(name)
-        images.append(SourceImage(path if path.is_absolute() else list_file.parent / path, list_file.stem, repeats))
+        images.append(SourceImage(path, list_file.stem, repeats))
     return images

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from biodino.data.shard_index import Shard, ShardIndexError, resolve_shards
-from biodino.data.sources import IMAGE_SUFFIXES, InputError, walk_images
+from biodino.data.sources import IMAGE_SUFFIXES, InputError, list_lines, walk_images
 
 Label = Union[str, tuple[str, ...], None]
 GLOB_CHARS = frozenset("*?[")
@@ -108,24 +108,8 @@ def _folder_labels(root: Path, found: list[Path]) -> list[Label]:
 
 
 def _read_labelled_list(list_file: Path) -> list[tuple[Path, Label]]:
-    """Lines ``path`` or ``path<TAB>label``; relative paths are relative to the list file; # comments."""
-    try:
-        text = list_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise InputError(f"{list_file}: not a text list of image paths") from None
-    except OSError as err:
-        raise InputError(f"{list_file}: cannot be read: {err.strerror}") from None
-    listed: list[tuple[Path, Label]] = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, tab, label = line.partition("\t")
-        if tab and not label.strip():
-            raise InputError(f"{list_file}:{n}: empty label after the tab")
-        path = Path(name)
-        listed.append((path if path.is_absolute() else list_file.parent / path, label.strip() or None))
-    return listed
+    """Lines ``path`` or ``path<TAB>label`` (``sources.list_lines``)."""
+    return [(path, label or None) for _, path, label in list_lines(list_file)]
 
 
 def label_of(meta: dict, label_key: str) -> Label:
