@@ -112,31 +112,31 @@ def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster
             assert resumed[step][key] == expected[step][key], (step, key)
 
 
-def test_eval_jobs_render_after_each_stage_on_one_gpu(tmp_path) -> None:
+def test_eval_jobs_render_after_each_stage_on_one_gpu(tmp_path, capsys, monkeypatch) -> None:
     for split in ("train", "test"):
         save_photo(tmp_path / split / "ant" / "0.jpg", seed=1)
+    monkeypatch.chdir(tmp_path)
     tiny = ROOT / "configs" / "bio_dino_tiny" / "schedule.yaml"
-    proc = subprocess.run([sys.executable, "-m", "biodino", "slurm", str(tiny), "--nodes", "2", "--gpus-per-node", "8",
-                           "--eval", f"{tmp_path / 'train'},{tmp_path / 'test'}", "--eval-protocol", "knn,linear",
-                           f"runs_dir={tmp_path / 'runs'}"], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    assert main(["slurm", str(tiny), "--nodes", "2", "--gpus-per-node", "8", "--eval",
+                 f"{tmp_path / 'train'},{tmp_path / 'test'}", "--eval-protocol", "knn,linear",
+                 f"runs_dir={tmp_path / 'runs'}"]) == 0
+    proc = capsys.readouterr()
     headers = re.findall(r"^### job (\d) of 6: (\S+?)(?:, submitted with --dependency=afterok:<job of (\S+)>)?$",
-                         proc.stdout, flags=re.M)
+                         proc.out, flags=re.M)
     assert headers == [("1", "bio_dino_tiny-s1_32", ""), ("2", "bio_dino_tiny-s1_32:eval", "bio_dino_tiny-s1_32"),
                        ("3", "bio_dino_tiny-s2_40", "bio_dino_tiny-s1_32"),
                        ("4", "bio_dino_tiny-s2_40:eval", "bio_dino_tiny-s2_40"),
                        ("5", "bio_dino_tiny-s3_48", "bio_dino_tiny-s2_40"),
                        ("6", "bio_dino_tiny-s3_48:eval", "bio_dino_tiny-s3_48")]
-    evaluation = proc.stdout.split("### job 2 of 6")[1].split("### job 3 of 6")[0]
+    evaluation = proc.out.split("### job 2 of 6")[1].split("### job 3 of 6")[0]
     assert {k: v for k, v in directives(evaluation).items() if k in ("nodes", "ntasks-per-node", "gpus-per-node")} == {
         "nodes": "1", "ntasks-per-node": "1", "gpus-per-node": "1"}
     run = tmp_path / "runs" / "bio_dino_tiny-s1_32"
     assert (f"-m biodino eval --model {run / 'export' / 'backbone.safetensors'} --train-data {tmp_path / 'train'} "
             f"--test-data {tmp_path / 'test'} --protocol knn,linear") in evaluation
     assert f"--json {run / 'results.json'} --markdown {run / 'results.md'}" in evaluation
-    bad = subprocess.run([sys.executable, "-m", "biodino", "slurm", str(tiny), "--nodes", "1", "--gpus-per-node", "0",
-                          "--eval", str(tmp_path / "train")], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--eval must be TRAIN_DATA,TEST_DATA" in bad.stderr
+    assert main(["slurm", str(tiny), "--nodes", "1", "--gpus-per-node", "0", "--eval", str(tmp_path / "train")]) == 2
+    assert "--eval must be TRAIN_DATA,TEST_DATA" in capsys.readouterr().err
 
 
 def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, tiny_shards, tmp_path) -> None:
