@@ -148,6 +148,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from biodino.interop.export import export_backbone, export_full, load_training_state
     from biodino.checkpoint.safe_load import CheckpointError
 
+    if args.full and args.format == "timm":
+        raise UsageError("--format timm writes a backbone only (timm has no layout for training weights); drop --full")
     try:
         state = load_training_state(Path(args.source), args.preset)
         out = Path(args.out)
@@ -179,8 +181,9 @@ def _add_train_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--full", action="store_true", help="export full training weights (student, teacher, heads, centers)")
     p.add_argument("--tag", default=None, help="name part of the file (default: the run name)")
     p.add_argument("--out", default=".", help="output folder")
-    p.add_argument("--format", choices=["biodino", "birder"], default="biodino",
-                   help="biodino: safetensors (+ JSON sidecar); birder: torch.save .pt in birder's layout")
+    p.add_argument("--format", choices=["biodino", "birder", "timm"], default="biodino",
+                   help="biodino: safetensors (+ JSON sidecar); birder: torch.save .pt in birder's layout; timm: a "
+                   "folder (model.safetensors + config.json) in timm's hub layout, backbone only")
     p.add_argument("--preset", default=None,
                    help="a birder source's backbone preset (default: the one preset matching its tensor shapes)")
     p.set_defaults(func=_cmd_export)

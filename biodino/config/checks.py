@@ -11,8 +11,10 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterator
 
-from biodino.config.schema import (ATTN_BACKENDS, CENTERINGS, DTYPES, EVAL_PROTOCOLS, OBJECTIVES, PRECISIONS,
-                                  STRATEGIES, WANDB_MODES, ACCELERATORS, ConfigError, TrainConfig)
+from biodino.config.schema import (ATTN_BACKENDS, CENTERINGS, DTYPES, EVAL_PROTOCOLS, LAST_LAYER_FREEZES,
+                                  OBJECTIVES, PARAM_GROUPS, PRECISIONS, STRATEGIES, WANDB_MODES, ACCELERATORS,
+                                  MATRYOSHKA_INPUTS, ConfigError, TrainConfig)
+from biodino.config.schema import CROP_POLICIES, CropsConfig
 
 Check = tuple[Callable[[Any], bool], str]
 
@@ -84,11 +86,13 @@ RULES: dict[str, Check] = {
     "objective.student_temp": positive(), "objective.teacher_temp": positive(),
     "objective.warmup_teacher_temp": positive(), "objective.warmup_teacher_temp_epochs": at_least(0.0),
     "objective.momentum_teacher": probability(), "objective.final_momentum_teacher": probability(),
-    "objective.freeze_last_layer_epochs": at_least(0.0), "objective.franca.nesting_levels": at_least(1),
+    "objective.freeze_last_layer_epochs": at_least(0.0), "objective.last_layer_freeze": one_of(LAST_LAYER_FREEZES), "objective.franca.nesting_levels": at_least(1),
     "objective.franca.sinkhorn_queue_size": at_least(0),
+    "objective.franca.matryoshka_input": one_of(MATRYOSHKA_INPUTS),
     "optim.base_lr": positive(), "optim.min_lr": at_least(0.0), "optim.warmup_epochs": at_least(0.0),
     "optim.weight_decay": at_least(0.0), "optim.weight_decay_end": at_least(0.0),
     "optim.layerwise_decay": (lambda v: 0 < v <= 1, "in (0, 1]"), "optim.patch_embed_lr_mult": at_least(0.0),
+    "optim.param_groups": one_of(PARAM_GROUPS), "optim.warmup_start": within(0.0, 1.0),
     "optim.clip_grad": optional(positive()), "optim.beta1": within(0.0, 1.0, hi_open=True),
     "optim.beta2": within(0.0, 1.0, hi_open=True),
     "crops.global_size": at_least(1), "crops.local_size": at_least(1), "crops.num_local": at_least(0),
@@ -99,6 +103,7 @@ RULES: dict[str, Check] = {
     "crops.blur_sigma": ordered_pair(0.0, math.inf), "crops.blur_kernel_size": odd(),
     "crops.solarize_threshold": within(0, 255), "crops.normalize_mean": each((lambda v: True, "finite"), 3),
     "crops.normalize_std": each(positive(), 3),
+    "crops.policy": one_of(CROP_POLICIES), "crops.aug_level": optional(within(1, 10)),
     "data.num_workers": at_least(0), "data.shards_per_block": at_least(1),
     "schedule.epochs": at_least(1), "schedule.steps_per_epoch": at_least(1), "schedule.batch_size": at_least(1),
     "schedule.accumulate_grad_batches": at_least(1),
@@ -132,6 +137,25 @@ def _finite(value: Any) -> bool:
     return all(not isinstance(v, float) or math.isfinite(v) for v in values)
 
 
+def check_crops_policy(c: CropsConfig) -> None:
+    """crops.policy birder: aug_level set, and the fields that have no place in birder's transforms at 0 (none is
+    overridden silently); dinov2: no aug_level."""
+    if c.policy == "dinov2":
+        if c.aug_level is not None:
+            raise ConfigError(f"crops.aug_level ({c.aug_level}) is birder's chain level; it needs crops.policy: birder")
+        return
+    if c.aug_level is None:
+        raise ConfigError("crops.policy: birder needs crops.aug_level (birder's --aug-level; its scripts use 5)")
+    unused = {"crops.grayscale_p": c.grayscale_p, "crops.solarize_p": c.solarize_p, "crops.blur_p[0]": c.blur_p[0],
+              "crops.blur_p[1]": c.blur_p[1]}
+    nonzero = [f"{key} ({value})" for key, value in unused.items() if value != 0]
+    if nonzero:
+        raise ConfigError(f"crops.policy: birder has no {', '.join(nonzero)}: set them to 0 (the global crops' colour "
+                          "ops, blur and solarize come from birder's chain at crops.aug_level)")
+    if c.blur_reference_inverted:
+        raise ConfigError("crops.blur_reference_inverted is DINOv2's; it needs crops.policy: dinov2")
+
+
 def check_ranges(cfg: TrainConfig) -> None:
     """Every value in its range, plus the relations between values of one section; ConfigError names the key."""
     for key, value, _ in leaves(cfg):
@@ -140,6 +164,12 @@ def check_ranges(cfg: TrainConfig) -> None:
         rule = RULES.get(key)
         if rule is not None and not isinstance(value, bool) and not rule[0](value):
             raise ConfigError(f"{key}: {value!r} is out of range; must be {rule[1]}")
+    check_crops_policy(cfg.crops)
+    o = cfg.optim
+    if o.param_groups == "birder" and (o.layerwise_decay, o.patch_embed_lr_mult) != (1.0, 1.0):
+        raise ConfigError(f"optim.param_groups: birder gives every parameter the same lr; set optim.layerwise_decay "
+                          f"({o.layerwise_decay}) and optim.patch_embed_lr_mult ({o.patch_embed_lr_mult}) to 1.0, "
+                          "or use optim.param_groups: dinov2")
     ibot = cfg.objective.ibot
     if ibot.mask_ratio_min > ibot.mask_ratio_max:
         raise ConfigError(f"objective.ibot.mask_ratio_min ({ibot.mask_ratio_min}) must not exceed "

@@ -18,7 +18,10 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
 DTYPES = ("bfloat16", "float16", "float32")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+PARAM_GROUPS = ("dinov2", "birder")  # biodino.ssl.param_groups: weight-decay exemptions and lr scales, or none
+LAST_LAYER_FREEZES = ("zero_lr", "drop_grads")  # how the heads' last layers are held during the freeze
 EVAL_PROTOCOLS = ("knn", "simpleshot", "retrieval", "ami", "linear", "svm", "mlp")  # biodino.eval.protocols.PROTOCOLS
+MATRYOSHKA_INPUTS = ("prefix", "full")  # biodino.ssl.matryoshka: level i reads the first d_i features, or all D
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,9 @@ class FrancaConfig:
     """What Franca adds to DINOv2's objective."""
 
     nesting_levels: int = 5  # Matryoshka levels of the heads
+    # prefix (birder): level i maps the first d_i features through Linear(d_i, d_i); full (valeoai/Franca):
+    # the whole embedding through Linear(D, d_i)
+    matryoshka_input: str = "prefix"
     sinkhorn_queue_size: int = 0  # queued teacher rows per level joining Sinkhorn-Knopp (0: none)
 
 
@@ -84,6 +90,9 @@ class ObjectiveConfig:
     momentum_teacher: float = 0.992
     final_momentum_teacher: float = 1.0
     freeze_last_layer_epochs: float = 1
+    # zero_lr (dinov2): the last layers' lr is 0 while frozen, their gradients still feed AdamW's moments and the
+    # clipping norm; drop_grads (birder): their gradients are dropped before clipping, AdamW leaves them untouched
+    last_layer_freeze: str = "zero_lr"
     franca: "FrancaConfig" = field(default_factory=lambda: FrancaConfig())  # used by objective.name: franca
     dino: DinoConfig = field(default_factory=DinoConfig)
     ibot: IbotConfig = field(default_factory=IbotConfig)
@@ -99,14 +108,42 @@ class OptimConfig:
     weight_decay_end: float = 0.2
     layerwise_decay: float = 1.0
     patch_embed_lr_mult: float = 0.2
+    # dinov2: no weight decay on biases, norms, LayerScale, tokens and position embedding, layerwise_decay and
+    # patch_embed_lr_mult apply; birder (its scripts' defaults): weight decay and the same lr on every parameter
+    param_groups: str = "dinov2"
+    warmup_start: float = 0.0  # the lr at step 0 as a fraction of the peak (birder's --lr-warmup-decay: 0.01)
     clip_grad: Optional[float] = 3.0
     beta1: float = 0.9
     beta2: float = 0.999
 
 
+CROP_POLICIES = ("dinov2", "birder")  # crops.policy: the structure of the augmentation (biodino.data.photometric)
+
+
 @dataclass
 class CropsConfig:
-    """Multi-crop augmentation (DINOv2 recipe). Geometry runs in the CPU workers, photometrics on the device."""
+    """Multi-crop augmentation (DINOv2 recipe). Geometry runs in the CPU workers, photometrics on the device.
+
+    ``policy`` selects the structure; the numbers stay these explicit fields, none is overridden by the policy.
+
+    - ``dinov2``: DINOv2's recipe. Every crop: colour jitter (``jitter_p``), grayscale, blur (``blur_p`` per crop
+      group), solarize on global crop 2.
+    - ``birder``: birder 0.8.4's ``train_dino_v2`` / ``train_franca`` transforms.
+      - Global crops: a random-resized crop (``global_scale``), bilinear or bicubic at random. Then birder's op
+        chain at ``aug_level``: 2 to max(2, (L + 1) // 2) ops drawn from rotate, brightness, contrast + hue,
+        saturation, translate, shear, posterize, blur, autocontrast, sharpness and solarize (identity included),
+        magnitudes from L. Then the flip.
+      - Local crops: a bicubic random-resized crop (``local_scale``), the flip, the colour jitter with ``jitter_p``
+        (``brightness``, ``contrast``, ``saturation``, ``hue``), the blur with ``blur_p[2]``.
+      - Must be 0: ``grayscale_p``, ``solarize_p``, ``blur_p[0]`` and ``blur_p[1]`` (birder has none of these
+        outside the chain).
+      - The values of birder's scripts with their defaults (``--aug-level 5``, ``--resize-min-scale`` 0.35 in
+        train_dino_v2 and 0.4 in train_franca, local transform hard-coded in both): ``aug_level: 5``,
+        ``global_scale: [0.35, 1.0]`` (Franca: ``[0.4, 1.0]``), ``local_scale: [0.1, 0.35]``, ``flip_p: 0.5``,
+        ``jitter_p: 0.8``, ``brightness: 0.25``, ``contrast: 0.15``, ``saturation: 0.0``, ``hue: 0.04``,
+        ``grayscale_p: 0.0``, ``blur_p: [0.0, 0.0, 0.5]``, ``blur_sigma: [0.5, 1.2]``, ``blur_kernel_size: 3``,
+        ``solarize_p: 0.0``.
+    """
 
     global_size: int = 224
     local_size: int = 98
@@ -129,6 +166,8 @@ class CropsConfig:
     solarize_threshold: int = 128
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    policy: str = "dinov2"  # dinov2 | birder (see above)
+    aug_level: Optional[int] = None  # birder's --aug-level, 1-10: policy birder only (its scripts' default: 5)
 
 
 @dataclass

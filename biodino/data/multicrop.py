@@ -1,5 +1,10 @@
 """The CPU half of multi-crop: decode (reduced-size JPEG draft when every crop allows), random-resized
-crops and flips, as uint8 tensors. Photometric augmentation runs batched on the device (photometric.py)."""
+crops and flips, as uint8 tensors. Photometric augmentation runs batched on the device (photometric.py).
+
+Crops are resized bicubically; under ``crops.policy: birder`` each global crop is resized bilinearly or bicubically
+at random (p 0.5, birder's ``RandomResizedCropWithRandomInterpolation``), drawn after the flips so that the dinov2
+policy's stream is unchanged. birder flips a global crop after its op chain, here before: the chain's affine ops
+have mirror-symmetric distributions and its colour ops commute with a flip, so the distribution is the same."""
 
 from __future__ import annotations
 
@@ -46,17 +51,22 @@ class MultiCrop:
     def __init__(self, cfg: CropsConfig) -> None:
         self.cfg = cfg
         self.plan = [(cfg.global_size, cfg.global_scale)] * 2 + [(cfg.local_size, cfg.local_scale)] * cfg.num_local
+        self.random_global_interpolation = cfg.policy == "birder"
 
     def __call__(self, data: bytes, rng: np.random.Generator) -> dict[str, list[torch.Tensor]]:
         with Image.open(io.BytesIO(data)) as img:
             width, height = oriented_size(img)  # crops are drawn on the picture as displayed
             boxes = [random_resized_crop_box(width, height, scale, rng) for _, scale in self.plan]
             flips = rng.random(len(self.plan)) < self.cfg.flip_p
+            resample = [Image.Resampling.BICUBIC] * len(self.plan)
+            if self.random_global_interpolation:
+                resample[:2] = [Image.Resampling.BILINEAR if u < 0.5 else Image.Resampling.BICUBIC
+                                for u in rng.random(2)]
             img = _decode(img, boxes, [size for size, _ in self.plan])
             sx, sy = img.width / width, img.height / height
             crops = []
-            for (size, _), (l, t, r, b), flip in zip(self.plan, boxes, flips):
-                crop = img.resize((size, size), Image.Resampling.BICUBIC, box=(l * sx, t * sy, r * sx, b * sy))
+            for (size, _), (l, t, r, b), flip, how in zip(self.plan, boxes, flips, resample):
+                crop = img.resize((size, size), how, box=(l * sx, t * sy, r * sx, b * sy))
                 if flip:
                     crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
                 crops.append(torch.from_numpy(np.array(crop)).permute(2, 0, 1))

@@ -1,1 +1,1 @@
-"""Interchange: training states read from any source, exports to biodino's and birder's formats."""
+"""Interchange: training states read from any source, exports to biodino's, birder's and timm's formats."""

@@ -24,6 +24,7 @@ from biodino.models import VisionTransformer, ViTConfig
 from biodino.ssl.dinov2 import student_backbone
 from biodino.checkpoint import dcp, full_weights
 from biodino.interop import birder as birder_format
+from biodino.interop import timm as timm_format
 from biodino.fs.atomic import atomic_write_text
 from biodino.config.schema import TrainConfig
 from biodino.config.recipe import config_from_dict
@@ -31,7 +32,7 @@ from biodino.checkpoint.run_dir import RunDir
 from biodino.checkpoint.safe_load import CheckpointError, load_exactly, load_torch
 
 BACKBONE_FORMAT = "biodino-backbone/1"
-Format = Literal["biodino", "birder"]
+Format = Literal["biodino", "birder", "timm"]
 
 
 @dataclass
@@ -112,8 +113,11 @@ def export_backbone(state: TrainingState, out_dir: Path, network: str = "teacher
     if fmt == "birder":
         return birder_format.save_backbone(backbone, out_dir / f"{stem}.pt", cfg.crops.normalize_mean,
                                            cfg.crops.normalize_std, {"preset": cfg.model.preset, **provenance})
+    if fmt == "timm":
+        return timm_format.save_backbone(backbone, out_dir / stem, cfg.crops.normalize_mean, cfg.crops.normalize_std,
+                                         {"preset": cfg.model.preset, **provenance})
     if fmt != "biodino":
-        raise ValueError(f"unknown export format {fmt!r}; use 'biodino' or 'birder'")
+        raise ValueError(f"unknown export format {fmt!r}; use 'biodino', 'birder' or 'timm'")
     sidecar = {
         "format": BACKBONE_FORMAT, "preset": cfg.model.preset, "architecture": asdict(backbone.cfg),
         "resolution": backbone.image_size,

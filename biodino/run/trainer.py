@@ -84,7 +84,7 @@ def architecture(cfg: TrainConfig) -> dict[str, tuple]:
         module = build_module(cfg)
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     o = cfg.optim
-    groups = param_groups(module.student, o.layerwise_decay, o.patch_embed_lr_mult)
+    groups = param_groups(module.student, o)
     shapes["optimizer parameter groups"] = tuple(len(g["params"]) for g in groups)
     return shapes
 

@@ -32,8 +32,9 @@ def check_franca(cfg: TrainConfig) -> None:
                               f"{o.franca.nesting_levels} levels without prototypes (needs >= {coarsest})")
 
 
-def _head(in_dim: int, h: HeadConfig, levels: int) -> MatryoshkaHead:
-    return MatryoshkaHead(in_dim, h.num_prototypes, levels, h.hidden_dim, h.bottleneck_dim, h.nlayers)
+def _head(in_dim: int, h: HeadConfig, levels: int, matryoshka_input: str) -> MatryoshkaHead:
+    return MatryoshkaHead(in_dim, h.num_prototypes, levels, h.hidden_dim, h.bottleneck_dim, h.nlayers,
+                          matryoshka_input=matryoshka_input)
 
 
 class FrancaModule(DINOv2Module):
@@ -60,9 +61,10 @@ class FrancaModule(DINOv2Module):
     def build_network(self) -> SSLNetwork:
         o = self.cfg.objective
         backbone = student_backbone(self.cfg)
-        dim, levels = backbone.embed_dim, o.franca.nesting_levels
-        ibot_head = _head(dim, o.ibot.head, levels) if o.ibot.separate_head else None
-        return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head, levels), ibot_head), o.ibot.weight > 0)
+        dim, levels, reads = backbone.embed_dim, o.franca.nesting_levels, o.franca.matryoshka_input
+        ibot_head = _head(dim, o.ibot.head, levels, reads) if o.ibot.separate_head else None
+        return freeze_unused(SSLNetwork(backbone, _head(dim, o.dino.head, levels, reads), ibot_head),
+                             o.ibot.weight > 0)
 
     def targets(self, logits: list[torch.Tensor], kind: str, temp: float,
                 valid: Optional[torch.Tensor] = None) -> list[torch.Tensor]:

@@ -119,17 +119,22 @@ class SSLModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Fused AdamW (on CPU too): its ``found_inf`` input skips a non-finite step on the device, without a sync."""
         o = self.cfg.optim
-        groups = param_groups(self.student, o.layerwise_decay, o.patch_embed_lr_mult)
+        groups = param_groups(self.student, o)
         return torch.optim.AdamW(groups, lr=0.0, betas=(o.beta1, o.beta2), fused=True)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Set this step's lr and weight decay on every group; the heads' last layers get lr 0 while frozen."""
+        """Set this step's lr and weight decay on every group. While frozen, the heads' last layers get lr 0
+        (``zero_lr``) or lose their gradients before clipping, so AdamW skips them (``drop_grads``)."""
         step = self.global_step
         lr, wd = self.schedules.lr(step), self.schedules.weight_decay(step)
         frozen = self.schedules.last_layer_frozen(step)
+        drop = frozen and self.cfg.objective.last_layer_freeze == "drop_grads"
         for group in optimizer.param_groups:
-            group["lr"] = 0.0 if (frozen and group["last_layer"]) else lr * group["lr_mult"]
+            group["lr"] = 0.0 if (frozen and not drop and group["last_layer"]) else lr * group["lr_mult"]
             group["weight_decay"] = wd * group["wd_mult"]
+            if drop and group["last_layer"]:
+                for p in group["params"]:
+                    p.grad = None
         self.log_step({"lr": lr, "wd": wd})
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,

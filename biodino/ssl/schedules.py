@@ -43,7 +43,7 @@ class Schedules:
     def lr(self, step: int) -> float:
         o = self.cfg.optim
         peak = sqrt_scaled_lr(o.base_lr, self.cfg.global_batch_size)
-        return warmup_cosine(peak, o.min_lr, step, self.total, self._steps(o.warmup_epochs))
+        return warmup_cosine(peak, o.min_lr, step, self.total, self._steps(o.warmup_epochs), o.warmup_start * peak)
 
     def weight_decay(self, step: int) -> float:
         return cosine(self.cfg.optim.weight_decay, self.cfg.optim.weight_decay_end, step, self.total)

@@ -77,10 +77,30 @@ def test_configs_of_earlier_versions_load_with_moved_keys(tmp_path) -> None:
     from biodino.config.recipe import config_from_dict
 
     old = asdict(load_config("franca_bioscan5m"))
-    old["objective"].update(old["objective"].pop("franca"))  # the flat layout of earlier versions
+    franca = old["objective"].pop("franca")  # the flat layout of earlier versions, which had only these two
+    old["objective"].update({k: franca[k] for k in ("nesting_levels", "sinkhorn_queue_size")})
     assert config_from_dict(old, "checkpoint").objective.franca.nesting_levels == 4
     import yaml
 
     recipe = _write(tmp_path / "old.yaml", yaml.safe_dump(old))
     cfg = load_config(str(recipe))
     assert (cfg.objective.franca.nesting_levels, cfg.objective.franca.sinkhorn_queue_size) == (4, 1280)
+
+
+def test_the_dinov2_default_recipe_is_the_seed_stage_with_dinov2s_policies() -> None:
+    """configs/bio_dino_dinov2.yaml: every augmentation, parameter-group, freeze and warmup value is the schema's
+    (dinov2's) default; the rest is Bio-DINO stage 1, whose own values are birder's."""
+    from dataclasses import asdict
+
+    from biodino.config.schema import CropsConfig, OptimConfig, ObjectiveConfig
+
+    ours, seed = load_config("bio_dino_dinov2"), load_config("bio_dino/stage1_224")
+    crops = {k: v for k, v in asdict(ours.crops).items() if not k.startswith(("normalize", "global_size", "local_size"))}
+    assert crops == {k: v for k, v in asdict(CropsConfig()).items() if k in crops}
+    dinov2 = OptimConfig()
+    assert (ours.optim.param_groups, ours.optim.patch_embed_lr_mult, ours.optim.warmup_start) == (
+        dinov2.param_groups, dinov2.patch_embed_lr_mult, dinov2.warmup_start) == ("dinov2", 0.2, 0.0)
+    assert ours.objective.last_layer_freeze == ObjectiveConfig().last_layer_freeze == "zero_lr"
+    assert (seed.crops.policy, seed.optim.param_groups, seed.objective.last_layer_freeze) == (
+        "birder", "birder", "drop_grads")
+    assert asdict(ours.model) == asdict(seed.model) and asdict(ours.schedule) == asdict(seed.schedule)

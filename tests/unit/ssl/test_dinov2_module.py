@@ -42,6 +42,51 @@ def test_last_layer_is_frozen_for_the_configured_steps() -> None:
     assert not torch.equal(rec.after[1][0][mlp], rec.teacher_before[0][mlp])  # the rest trains from step 1 (lr(0) = 0)
 
 
+def test_drop_grads_freezes_the_last_layer_as_birder_does_outside_adamw_and_the_clipping_norm(monkeypatch) -> None:
+    """birder's freeze: the last layers' gradients are dropped before clipping, so AdamW keeps no moments for
+    them and the clipped norm is that of the other gradients; after the freeze they train."""
+    cfg = tiny_config(objective={"freeze_last_layer_epochs": 0.3, "last_layer_freeze": "drop_grads"})
+    module, rec = DINOv2Module(cfg), Recorder()
+    last = [p for n, p in module.student.named_parameters() if ".last_layer." in f".{n}"]
+    key = "dino_head.last_layer.parametrizations.weight.original1"
+    initial = module.student.state_dict()[key].clone()
+    clipped: list[list[torch.Tensor]] = []
+    real_clip = ssl_module.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        clipped.append([p for p in params if p.grad is not None])
+        return real_clip(params, max_norm)
+
+    monkeypatch.setattr(ssl_module, "clip_grad_norm_", spy)
+    trainer = fit(module, cfg, steps=3, callbacks=[rec])
+    assert all(torch.equal(student[key], initial) for student, _ in rec.after)
+    optimizer = trainer.optimizers[0]
+    assert all(not optimizer.state.get(p) for p in last)  # no AdamW state: never stepped
+    assert len(clipped) == 3 and all(not any(q is p for p in last for q in step) for step in clipped)
+    assert all(optimizer.state.get(p) for p in module.student.backbone.parameters())
+
+
+def test_birder_warmup_starts_at_a_hundredth_of_the_peak_like_its_torch_schedulers() -> None:
+    """birder's schedule: LinearLR(start_factor=0.01) over the warmup, then CosineAnnealingLR(T_max = steps -
+    warmup - 1, eta_min) stepped once per optimizer step; compared with torch's own schedulers."""
+    from biodino.ssl.schedules import Schedules
+
+    cfg = tiny_config(optim={"warmup_start": 0.01, "warmup_epochs": 0.4, "min_lr": 1e-5})
+    s, total, warmup = Schedules(cfg), cfg.schedule.total_steps, 4
+    peak = s.lr(warmup)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.01, total_iters=warmup),
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup - 1, eta_min=1e-5)], [warmup])
+    expected = []
+    for _ in range(total):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert [s.lr(t) for t in range(total)] == pytest.approx(expected, rel=1e-9)
+
+
 def test_ema_runs_once_per_optimizer_step_under_accumulation(monkeypatch) -> None:
     calls = []
     real = ssl_module.ema_update_

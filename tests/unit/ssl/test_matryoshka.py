@@ -123,3 +123,27 @@ def test_fresh_init_matches_birder_statistics() -> None:
             assert torch.equal(mine, v)
         else:
             assert abs(mine.std().item() / v.std().item() - 1) < 0.1
+
+
+def test_matryoshka_input_defaults_to_prefix_and_full_reads_every_feature() -> None:
+    from biodino.config.recipe import load_config
+
+    assert load_config("tiny").objective.franca.matryoshka_input == "prefix"
+    assert load_config("franca_bioscan5m").objective.franca.matryoshka_input == "prefix"  # birder's, the seed's
+    assert load_config("tiny", ["objective.franca.matryoshka_input=full"]).objective.franca.matryoshka_input == "full"
+    full = MatryoshkaHead(**SMALL, matryoshka_input="full")
+    assert [lvl.proj.in_features for lvl in full.levels] == [32, 32, 32]
+    assert [lvl.proj.out_features for lvl in full.levels] == full.dims == [8, 16, 32]
+    assert [lvl.proj.in_features for lvl in MatryoshkaHead(**SMALL).levels] == [8, 16, 32]
+    with pytest.raises(ValueError, match="matryoshka_input"):
+        MatryoshkaHead(**SMALL, matryoshka_input="suffix")
+
+
+def test_an_unknown_matryoshka_input_is_refused_naming_the_key() -> None:
+    from biodino.config.recipe import load_config
+    from biodino.config.schema import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["objective.franca.matryoshka_input=bogus"])
+    assert str(err.value).startswith("objective.franca.matryoshka_input:"), str(err.value)
+    assert "prefix" in str(err.value) and "full" in str(err.value)
