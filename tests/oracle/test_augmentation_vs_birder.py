@@ -34,7 +34,8 @@ from biodino.config.checks import check_crops_policy
 from biodino.config.schema import CropsConfig
 from biodino.data import multicrop
 from biodino.data.multicrop import MultiCrop
-from biodino.data.photometric import Photometric, birder_level
+from biodino.data.birder_chain import birder_level
+from biodino.data.photometric import Photometric
 from biodino.data.synthetic import jpeg_bytes, photo
 
 bc = pytest.importorskip("birder.data.transforms.classification")  # dev extra: always present in CI

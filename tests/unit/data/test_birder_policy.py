@@ -14,7 +14,8 @@ from biodino.config.checks import check_crops_policy
 from biodino.config.recipe import load_config
 from biodino.config.schema import ConfigError, CropsConfig
 from biodino.data.multicrop import MultiCrop
-from biodino.data.photometric import BIRDER_OPS, BirderChain, BirderChainParams, Photometric, birder_level
+from biodino.data.birder_chain import BIRDER_OPS, BirderChain, BirderChainParams, birder_level
+from biodino.data.photometric import Photometric
 from biodino.data.synthetic import jpeg_bytes, photo
 
 # The birder values of the seed recipes (train_dino_v2's defaults; train_franca's global_scale is (0.4, 1.0)).

@@ -10,19 +10,8 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from biodino.data.photometric import (
-    Photometric,
-    PhotometricParams,
-    adjust_brightness,
-    adjust_contrast,
-    adjust_hue,
-    adjust_saturation,
-    gaussian_blur,
-    grayscale,
-    hsv_to_rgb,
-    rgb_to_hsv,
-    solarize,
-)
+from biodino.data.colour_ops import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation, gaussian_blur, grayscale, hsv_to_rgb, rgb_to_hsv, solarize
+from biodino.data.photometric import Photometric, PhotometricParams
 from biodino.config.schema import CropsConfig
 
 ATOL = 1e-5
