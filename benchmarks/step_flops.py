@@ -26,13 +26,14 @@ def backbone_flops(cfg: TrainConfig, size: int) -> tuple[float, float]:
 def head_flops(cfg: TrainConfig, head: HeadConfig) -> float:
     """One token through a head: the MLP to the bottleneck and the prototypes (per level for Franca)."""
     dim = preset_config(cfg.model.preset).dim
+    franca = cfg.objective.franca
     if cfg.objective.name != "franca":
         widths = [(dim, head.num_prototypes)]
     else:
-        widths = [(d, int(head.num_prototypes * d / dim)) for d in nesting_dims(dim, cfg.objective.franca.nesting_levels)]
+        widths = [(d, int(head.num_prototypes * d / dim)) for d in nesting_dims(dim, franca.nesting_levels)]
     total = 0.0
-    for d, k in widths:
-        proj = d * d if cfg.objective.name == "franca" else 0
+    for d, k in widths:  # Franca's per-level input projection reads d features (prefix) or all of them (full)
+        proj = (d if franca.matryoshka_input == "prefix" else dim) * d if cfg.objective.name == "franca" else 0
         layers = [d] + [head.hidden_dim] * (head.nlayers - 1) + [head.bottleneck_dim]
         total += 2 * (proj + sum(a * b for a, b in zip(layers[:-1], layers[1:])) + head.bottleneck_dim * k)
     return total

@@ -11,9 +11,9 @@ import dataclasses
 import math
 from typing import Any, Callable, Iterator
 
-from biodino.config.schema import (ATTN_BACKENDS, CENTERINGS, DTYPES, EVAL_PROTOCOLS, LAST_LAYER_FREEZES,
-                                  OBJECTIVES, PARAM_GROUPS, PRECISIONS, STRATEGIES, WANDB_MODES, ACCELERATORS,
-                                  MATRYOSHKA_INPUTS, ConfigError, TrainConfig)
+from biodino.config.schema import (ACCELERATORS, ATTN_BACKENDS, CENTERINGS, DTYPES, EVAL_PROTOCOLS, INITS,
+                                  LAST_LAYER_FREEZES, MATRYOSHKA_INPUTS, OBJECTIVES, PARAM_GROUPS, PRECISIONS,
+                                  QUEUE_DTYPES, STRATEGIES, WANDB_MODES, ConfigError, TrainConfig)
 from biodino.config.schema import CROP_POLICIES, CropsConfig
 
 Check = tuple[Callable[[Any], bool], str]
@@ -76,18 +76,21 @@ RULES: dict[str, Check] = {
     "name": run_name(), "runs_dir": non_empty(), "seed": at_least(0),
     "model.preset": non_empty(), "model.drop_path_rate": optional(within(0.0, 1.0, hi_open=True)),
     "model.layer_scale_init": optional(at_least(0.0)), "model.attn_backend": one_of(ATTN_BACKENDS),
+    "model.init": one_of(INITS),
     **{f"objective.{h}.head.{k}": v for h in ("dino", "ibot") for k, v in HEAD.items()},
     "objective.dino.weight": at_least(0.0), "objective.ibot.weight": at_least(0.0),
     "objective.koleo.weight": at_least(0.0),
     "objective.ibot.mask_sample_probability": probability(),
     "objective.ibot.mask_ratio_min": probability(), "objective.ibot.mask_ratio_max": probability(),
+    "objective.ibot.mask_aspect": optional(ordered_pair(0.0, math.inf)),
     "objective.name": one_of(OBJECTIVES), "objective.centering": one_of(CENTERINGS),
     "objective.sinkhorn_iterations": at_least(1), "objective.center_momentum": probability(),
     "objective.student_temp": positive(), "objective.teacher_temp": positive(),
     "objective.warmup_teacher_temp": positive(), "objective.warmup_teacher_temp_epochs": at_least(0.0),
     "objective.momentum_teacher": probability(), "objective.final_momentum_teacher": probability(),
-    "objective.freeze_last_layer_epochs": at_least(0.0), "objective.last_layer_freeze": one_of(LAST_LAYER_FREEZES), "objective.franca.nesting_levels": at_least(1),
-    "objective.franca.sinkhorn_queue_size": at_least(0),
+    "objective.freeze_last_layer_epochs": at_least(0.0), "objective.last_layer_freeze": one_of(LAST_LAYER_FREEZES),
+    "objective.franca.nesting_levels": at_least(1), "objective.franca.sinkhorn_queue_size": at_least(0),
+    "objective.franca.sinkhorn_queue_dtype": one_of(QUEUE_DTYPES),
     "objective.franca.matryoshka_input": one_of(MATRYOSHKA_INPUTS),
     "optim.base_lr": positive(), "optim.min_lr": at_least(0.0), "optim.warmup_epochs": at_least(0.0),
     "optim.weight_decay": at_least(0.0), "optim.weight_decay_end": at_least(0.0),

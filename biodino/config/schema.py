@@ -21,6 +21,8 @@ WANDB_MODES = ("auto", "online", "offline", "disabled")
 PARAM_GROUPS = ("dinov2", "birder")  # biodino.ssl.param_groups: weight-decay exemptions and lr scales, or none
 LAST_LAYER_FREEZES = ("zero_lr", "drop_grads")  # how the heads' last layers are held during the freeze
 EVAL_PROTOCOLS = ("knn", "simpleshot", "retrieval", "ami", "linear", "svm", "mlp")  # biodino.eval.protocols.PROTOCOLS
+INITS = ("dinov2", "birder")  # biodino.models.vit.VisionTransformer.init_weights
+QUEUE_DTYPES = ("float32", "bfloat16")  # the Sinkhorn queue's storage
 MATRYOSHKA_INPUTS = ("prefix", "full")  # biodino.ssl.matryoshka: level i reads the first d_i features, or all D
 
 
@@ -32,6 +34,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     preset: str = "vit_tiny_p8"
     drop_path_rate: Optional[float] = None  # None: the preset's rate
+    drop_path_uniform: bool = False  # every block at the rate (dinov2) instead of rising linearly from 0 (birder)
+    init: str = "dinov2"  # from-scratch weights: "dinov2" or "birder" (see VisionTransformer.init_weights)
     layer_scale_init: Optional[float] = None  # None: the preset's; 0 turns LayerScale off
     attn_backend: str = "sdpa"
     grad_checkpointing: bool = False
@@ -59,6 +63,8 @@ class IbotConfig:
     mask_sample_probability: float = 0.5
     mask_ratio_min: float = 0.1
     mask_ratio_max: float = 0.5
+    # the mask rectangles' aspect range (h / w, log-uniform); None: dinov2's [0.3, 1 / 0.3]
+    mask_aspect: Optional[list[float]] = None
 
 
 @dataclass
@@ -75,6 +81,7 @@ class FrancaConfig:
     # the whole embedding through Linear(D, d_i)
     matryoshka_input: str = "prefix"
     sinkhorn_queue_size: int = 0  # queued teacher rows per level joining Sinkhorn-Knopp (0: none)
+    sinkhorn_queue_dtype: str = "float32"  # or "bfloat16": birder stores the queue in its AMP dtype (half the memory)
 
 
 @dataclass

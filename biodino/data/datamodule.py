@@ -22,7 +22,8 @@ def mask_sampler(cfg: TrainConfig, shape: MaskShape = BlockMasking) -> MaskSampl
     """iBOT masks on the global-crop patch grid, of the objective's ``shape`` (DINOv2's blocks by default)."""
     side = cfg.crops.global_size // preset_config(cfg.model.preset).patch_size
     ibot = cfg.objective.ibot
-    return MaskSampler(shape((side, side)), side * side, ibot.mask_sample_probability,
+    aspect = {} if ibot.mask_aspect is None else {"min_aspect": ibot.mask_aspect[0], "max_aspect": ibot.mask_aspect[1]}
+    return MaskSampler(shape((side, side), **aspect), side * side, ibot.mask_sample_probability,
                        ibot.mask_ratio_min, ibot.mask_ratio_max)
 
 

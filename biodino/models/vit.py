@@ -8,6 +8,7 @@ so its releases load without remapping and our exports load into it. Tokens are 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -18,6 +19,9 @@ from torchvision.ops import MLP
 
 from biodino.models.attention import Attention, AttentionBackend, Shapes
 from biodino.models.pos_embed import resize_pos_embed
+
+
+INITS = ("dinov2", "birder")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,8 @@ class ViTConfig:
     num_registers: int = 0
     layer_scale_init: Optional[float] = 1e-5
     drop_path_rate: float = 0.1
+    drop_path_uniform: bool = False  # every block at drop_path_rate (dinov2's recipes) instead of 0 -> rate linearly
+    init: str = "dinov2"  # "dinov2" or "birder": how a from-scratch run draws its weights (see init_weights)
     image_size: int = 224
     norm_eps: float = 1e-6
     attn_backend: AttentionBackend = "sdpa"
@@ -115,7 +121,8 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
-        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        rates = [cfg.drop_path_rate if cfg.drop_path_uniform else cfg.drop_path_rate * i / max(cfg.depth - 1, 1)
+                 for i in range(cfg.depth)]
         self.block = nn.ModuleList(Block(cfg, rate) for rate in rates)
         self.grad_checkpointing = cfg.grad_checkpointing
 
@@ -156,13 +163,24 @@ class VisionTransformer(nn.Module):
         return self.grid[0] * self.patch_size
 
     def init_weights(self) -> None:
-        """DINOv2's initialization: truncated-normal linears and position embedding, near-zero tokens."""
-        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
-        nn.init.normal_(self.class_token, std=1e-6)
-        if self.reg_tokens is not None:
-            nn.init.normal_(self.reg_tokens, std=1e-6)
+        """Weights for a run from scratch, as ``cfg.init`` names. dinov2: truncated-normal linears (std 0.02) and
+        position embedding, tokens of std 1e-6, PyTorch's default patch projection. birder: position embedding
+        normal (std 0.02), zero tokens, patch projection truncated-normal of std sqrt(1 / fan_in), attention
+        linears truncated-normal (std 0.02), MLP linears PyTorch's default (``Linear.reset_parameters``)."""
+        if self.cfg.init not in INITS:
+            raise ValueError(f"unknown init {self.cfg.init!r}; choose one of {', '.join(INITS)}")
+        birder = self.cfg.init == "birder"
+        nn.init.trunc_normal_(self.pos_embedding, std=0.02)  # +-2 absolute bounds: a normal at this std
+        for token in (self.class_token, self.reg_tokens):
+            if token is not None:
+                nn.init.zeros_(token) if birder else nn.init.normal_(token, std=1e-6)
+        if birder:
+            fan_in = self.conv_proj.in_channels * self.patch_size ** 2
+            nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
+            nn.init.zeros_(self.conv_proj.bias)
+        mlps = {id(m) for blk in self.encoder.block for m in blk.mlp.modules()} if birder else set()
         for module in self.encoder.modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, nn.Linear) and id(module) not in mlps:
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 

@@ -31,7 +31,8 @@ def student_backbone(cfg: TrainConfig) -> VisionTransformer:
     """The recipe's backbone at the global crop size, with the model section's overrides."""
     m = cfg.model
     overrides: dict[str, Any] = {"attn_backend": m.attn_backend, "grad_checkpointing": m.grad_checkpointing,
-                                 "image_size": cfg.crops.global_size}
+                                 "image_size": cfg.crops.global_size, "drop_path_uniform": m.drop_path_uniform,
+                                 "init": m.init}
     if m.drop_path_rate is not None:
         overrides["drop_path_rate"] = m.drop_path_rate
     if m.layer_scale_init is not None:

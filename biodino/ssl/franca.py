@@ -50,8 +50,9 @@ class FrancaModule(DINOv2Module):
         o = cfg.objective
         self.dino_queue = self.ibot_queue = None
         if o.franca.sinkhorn_queue_size > 0:
-            self.dino_queue = SinkhornQueue(o.franca.sinkhorn_queue_size, self.student.dino_head.num_prototypes)
-            self.ibot_queue = SinkhornQueue(o.franca.sinkhorn_queue_size, self.student.patch_head.num_prototypes)
+            size, dtype = o.franca.sinkhorn_queue_size, getattr(torch, o.franca.sinkhorn_queue_dtype)
+            self.dino_queue = SinkhornQueue(size, self.student.dino_head.num_prototypes, dtype)
+            self.ibot_queue = SinkhornQueue(size, self.student.patch_head.num_prototypes, dtype)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Checkpoints of earlier versions carry DINOv2's softmax centers, which Franca never used."""

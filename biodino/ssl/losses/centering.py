@@ -69,12 +69,13 @@ def _row_weights(n: int, rows: int, valid: Optional[torch.Tensor], queue_valid: 
 
 
 class SinkhornQueue(nn.Module):
-    """FIFO of the last ``size`` teacher logit rows of every nesting level, used once full (Franca)."""
+    """FIFO of the last ``size`` teacher logit rows of every nesting level, used once full (Franca). ``dtype`` is
+    the storage (birder keeps it in bfloat16 under AMP, rounding the queued logits); Sinkhorn reads it in fp32."""
 
-    def __init__(self, size: int, widths: list[int]) -> None:
+    def __init__(self, size: int, widths: list[int], dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         self.widths = widths
-        self.register_buffer("rows", torch.zeros(size, sum(widths)))
+        self.register_buffer("rows", torch.zeros(size, sum(widths), dtype=dtype))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("full", torch.zeros((), dtype=torch.bool))
 
@@ -86,7 +87,7 @@ class SinkhornQueue(nn.Module):
     def push(self, levels: list[torch.Tensor], valid: Optional[torch.Tensor] = None) -> None:
         """Append the rows of ``levels`` whose ``valid`` is true (all by default), keeping the newest ``size``:
         positions computed on the device, so padding is skipped without counting it on the host."""
-        values = torch.cat([v.float() for v in levels], dim=1)
+        values = torch.cat([v.to(self.rows.dtype) for v in levels], dim=1)
         size = self.rows.shape[0]
         valid = torch.ones(values.shape[0], dtype=torch.bool, device=values.device) if valid is None else valid
         rank = valid.long().cumsum(0) - 1  # position among the valid rows

@@ -11,15 +11,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import train_step
-from benchmarks.step_flops import step_flops_per_image
+from benchmarks.step_flops import head_flops, step_flops_per_image
 from biodino.config.recipe import load_config
 from biodino.data.datamodule import mask_sampler
 from biodino.run.trainer import build_module
 
 
-@pytest.mark.parametrize("recipe", ["bio_dino_tiny/stage1", "franca_bioscan5m"])
-def test_flops_per_image_match_the_flop_counter_over_a_real_step(recipe) -> None:
-    overrides = ["schedule.batch_size=4", "crops.num_local=8"]
+@pytest.mark.parametrize("recipe,extra", [("bio_dino_tiny/stage1", []), ("franca_bioscan5m", []),
+                                          ("franca_bioscan5m", ["objective.franca.matryoshka_input=full"])])
+def test_flops_per_image_match_the_flop_counter_over_a_real_step(recipe, extra) -> None:
+    overrides = ["schedule.batch_size=4", "crops.num_local=8", *extra]
     if recipe.startswith("franca"):
         overrides += ["model.preset=vit_tiny_p16", "crops.global_size=64", "crops.local_size=32",
                       "objective.dino.head.num_prototypes=256", "objective.dino.head.hidden_dim=64",
@@ -47,3 +48,16 @@ def test_the_benchmark_runs_on_cpu_and_prints_one_json_line(capsys) -> None:
     assert b["img_per_s"] > 0 and b["syncs_per_step"] == 0 and out["birder"] is None
     assert b["flops_per_img"] == pytest.approx(step_flops_per_image(load_config("bio_dino_tiny/stage1", [
         "schedule.batch_size=2"]), mask_sampler(load_config("bio_dino_tiny/stage1", [])).capacity(4) / 2))
+
+
+@pytest.mark.parametrize("reads", ["prefix", "full"])
+def test_franca_head_flops_count_what_the_level_inputs_read(reads) -> None:
+    """One token through the Matryoshka head, counted by torch's FlopCounter: the per-level projection reads d_i
+    features (prefix) or all of them (full), so the two variants differ there."""
+    cfg = load_config("franca_bioscan5m", ["model.preset=vit_tiny_p16", f"objective.franca.matryoshka_input={reads}",
+                                           "objective.dino.head.num_prototypes=256", "objective.dino.head.hidden_dim=64",
+                                           "objective.dino.head.bottleneck_dim=32", "objective.ibot.separate_head=false"])
+    head = build_module(cfg).student.dino_head
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        head(torch.randn(1, 64))
+    assert counter.get_total_flops() == head_flops(cfg, cfg.objective.dino.head)

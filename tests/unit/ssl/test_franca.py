@@ -171,3 +171,22 @@ def test_queue_push_skips_padding_and_a_queue_not_yet_full_takes_no_part() -> No
                                sinkhorn_knopp(logits, 0.1, 3))
     torch.testing.assert_close(sinkhorn_knopp(logits, 0.1, 3, queue=queued, queue_valid=torch.tensor(True)),
                                sinkhorn_knopp(logits, 0.1, 3, queue=queued))
+
+
+def test_a_bfloat16_queue_stores_what_birders_amp_queue_stores() -> None:
+    """The Franca recipe's bfloat16 queue (birder's ``sinkhorn_queue.to(amp_dtype)``): the same rows as birder's
+    queue moved to bfloat16, fed the same pushes, and Sinkhorn reads them as the rounded values in fp32."""
+    ref = pytest.importorskip("birder.net.ssl.franca")
+    assert _franca_config().objective.franca.sinkhorn_queue_dtype == "float32"
+    from biodino.config.recipe import load_config
+    assert load_config("franca_bioscan5m").objective.franca.sinkhorn_queue_dtype == "bfloat16"
+    ours = SinkhornQueue(6, [2, 3], torch.bfloat16)
+    theirs = ref.SinkhornQueue(6, (2, 3)).to(torch.bfloat16)
+    for n in (4, 4, 3):
+        rows = torch.randn(n, 5) * 30
+        ours.push([rows[:, :2], rows[:, 2:]])
+        theirs((rows[:, :2], rows[:, 2:]))
+    assert ours.rows.dtype == torch.bfloat16 and torch.equal(ours.rows, theirs.queue)
+    logits = torch.randn(6, 5)
+    torch.testing.assert_close(sinkhorn_knopp(logits, 0.1, 3, queue=ours.rows, queue_valid=ours.full),
+                               sinkhorn_knopp(logits, 0.1, 3, queue=theirs.queue.float()))
