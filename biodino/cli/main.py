@@ -1,4 +1,4 @@
-"""The ``biodino`` command line: one subcommand per user moment (models, pack, train, export, embed, eval, slurm,
+"""The ``biodino`` command line: one subcommand per user moment (models, pack, train, export, embed, eval, curate, slurm,
 demo)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+from biodino.cli.curate import add_curate
 from biodino.cli.embed import add_embed
 from biodino.cli.evaluate import add_eval
 from biodino.cli.slurm import add_slurm
@@ -221,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_export(sub)
     add_slurm(sub)
     add_embed(sub)
+    add_curate(sub)
     add_eval(sub)
     p = sub.add_parser("demo", help="generate labelled images, train a tiny DINOv2 on CPU, report k-NN vs random init")
     p.add_argument("--data", default=None, help="your own images instead: a folder with one sub-folder per class")
@@ -235,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["slurm", "embed"]:  # `biodino slurm embed ...`: the slurm-embed command
-        argv = ["slurm-embed", *argv[2:]]
+    if argv[:2] in (["slurm", "embed"], ["slurm", "curate"]):  # `biodino slurm embed ...`: slurm-embed
+        argv = [f"slurm-{argv[1]}", *argv[2:]]
     args, extra = parser.parse_known_args(argv)
     if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra  # key=value overrides written after options

@@ -1,9 +1,11 @@
 """``biodino slurm``: render (print) or submit the sbatch jobs of a recipe or a schedule, one job per stage each
-after the previous one succeeded, and with ``--eval`` an evaluation job after each."""
+after the previous one succeeded, and with ``--eval`` an evaluation job after each; ``biodino slurm embed`` and
+``biodino slurm curate`` do the same for an embedding and a curation."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -32,6 +34,14 @@ def add_slurm(sub: argparse._SubParsersAction) -> None:
     add_embed_options(p)
     p.set_defaults(func=cmd_slurm_embed)
 
+    from biodino.cli.curate import add_curate_options
+
+    p = sub.add_parser("slurm-curate", help="(biodino slurm curate) the pool's embedding on the whole allocation, "
+                       "then the curation steps on one node after it succeeded")
+    add_curate_options(p)
+    _add_allocation(p)
+    p.set_defaults(func=cmd_slurm_curate)
+
 
 def _add_allocation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, required=True)
@@ -50,7 +60,7 @@ Job = tuple[str, str, Optional[int]]  # name, script, index of the job it runs a
 
 def _jobs(args: argparse.Namespace) -> list[Job]:
     from biodino.cli.evaluate import protocols_of
-    from biodino.run.slurm import Allocation, EvalSpec, recipe_args, render, render_eval, world_overrides
+    from biodino.run.slurm import EvalSpec, recipe_args, render, render_eval, world_overrides
     from biodino.run.stages import is_schedule, load_schedule
     from biodino.config.recipe import load_config
 
@@ -110,6 +120,31 @@ def cmd_slurm_embed(args: argparse.Namespace) -> int:
     name = f"biodino-embed-{Path(args.out).stem}"
     script = render_job(name, command, alloc, cpus, threads=max(cpus - args.workers, 1))
     return _print_or_submit([(name, script, None)], args.submit)
+
+
+def cmd_slurm_curate(args: argparse.Namespace) -> int:
+    """Two jobs: ``biodino curate --embed-only`` on every GPU of the allocation (the distributed, resumable
+    embedding), then, after it succeeded, ``biodino curate`` on one node (its GPUs share the neighbour search;
+    k-means and sampling run on the first), which finds the pool embedded and goes on from there."""
+    import sys
+
+    from biodino.cli.curate import argv_of, request
+    from biodino.run.slurm import render_job, spec_exists
+
+    req = request(args)
+    try:
+        alloc = _allocation(args)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    for spec in (str(req.model), *req.inputs, *map(str, (*req.exclude, *req.include))):
+        if not spec_exists(spec):
+            raise UsageError(f"not found: {spec}")
+    command = [sys.executable, "-m", "biodino", "curate", *argv_of(req, args.pack)]
+    cpus = args.cpus_per_task or args.workers + 2
+    name = f"biodino-curate-{Path(args.out).name}"
+    embed = render_job(f"{name}-embed", [*command, "--embed-only"], alloc, cpus, threads=max(cpus - args.workers, 1))
+    steps = render_job(name, command, replace(alloc, nodes=1), cpus, threads=max(cpus - args.workers, 1))
+    return _print_or_submit([(f"{name}-embed", embed, None), (name, steps, 0)], args.submit)
 
 
 def _embed_args(args: argparse.Namespace) -> list[str]:

@@ -105,9 +105,10 @@ def check_options(opts: PackOptions) -> None:
         raise InputError(f"--out {opts.out}: {existing} is not writable")
 
 
-def pack(inputs: list[str], opts: PackOptions) -> dict:
+def pack(inputs: list[str], opts: PackOptions, selection: Optional[dict] = None) -> dict:
     """Curate, shuffle (seeded) and write shards; returns the index document's report. Bad options, an output
-    that already holds shards and inputs without a usable image are refused before anything is written."""
+    that already holds shards and inputs without a usable image are refused before anything is written.
+    ``selection``: the report of how the inputs were chosen (``biodino curate``), kept in the index."""
     check_options(opts)
     existing = _existing_outputs(opts)
     if existing and not opts.overwrite:
@@ -132,7 +133,8 @@ def pack(inputs: list[str], opts: PackOptions) -> dict:
     unreadable_paths = [f"{path} ({why})" for path, why in unreadable]
     write_index(opts.out / f"{opts.prefix}.json", shards,
                 {"curation": {**curation, "unreadable_paths": unreadable_paths},
-                 "near_duplicate_method": f"dhash64 hamming<={opts.near_threshold}", "seed": opts.seed})
+                 "near_duplicate_method": f"dhash64 hamming<={opts.near_threshold}", "seed": opts.seed,
+                 **({"selection": selection} if selection is not None else {})})
     return {**curation, "unreadable_paths": unreadable_paths}
 
 

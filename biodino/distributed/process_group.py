@@ -27,8 +27,12 @@ class World:
 
 @contextmanager
 def joined_world(timeout: timedelta = timedelta(hours=12)) -> Iterator[World]:
-    """This process's place in its job; with more than one rank, a process group for the duration. The
-    timeout bounds a barrier: how long a finished rank waits for the slowest."""
+    """This process's place in its job; with more than one rank, a process group for the duration (joined once:
+    inside another ``joined_world`` it is that one's). The timeout bounds a barrier: how long a finished rank
+    waits for the slowest."""
+    if dist.is_initialized():
+        yield World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return
     env = next((cls() for cls in (TorchElasticEnvironment, SLURMEnvironment)  # (Slurm's detect() warns outside)
                 if (cls is TorchElasticEnvironment or "SLURM_NTASKS" in os.environ) and cls.detect()), None)
     if env is None or env.world_size() == 1:

@@ -66,7 +66,7 @@ def run_embed(req: EmbedRequest) -> Optional[EmbedResult]:
         backbone, meta = load_encoder(req.model, req.network)
         if req.resolution is not None and req.resolution != backbone.image_size:
             backbone.resize_pos_embed(req.resolution)
-        device = _device(req.device, world)
+        device = device_for(req.device, world)
         backbone = backbone.to(device).eval()
         width = feature_width(backbone, req.features)
         store = PartStore(req.out, _manifest(req, plan, meta, backbone.image_size))
@@ -140,7 +140,8 @@ def _agree(world: World, step: Optional[Any]) -> None:
         raise error
 
 
-def _device(spec: str, world: World) -> torch.device:
+def device_for(spec: str, world: World) -> torch.device:
+    """``auto``: this rank's GPU when there is one, else the CPU."""
     if spec != "auto":
         return torch.device(spec)
     return torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,245 @@
+"""The steps of ``biodino curate`` and where each keeps its result in the output folder:
+
+- ``pool/``: the embeddings (``biodino embed``'s distributed, resumable job, then ``pool.build_pool``) and
+  ``source.json``, what made them; reused while the model file, inputs and resolution are the same;
+- ``pool/near_duplicates.parts/``: the neighbour search's finished blocks;
+- ``steps/<step>.npz``: each later step's kept rows and report, with the signature of its settings and of every
+  step before it, so a rerun with other thresholds redoes only what they change, and never the embeddings;
+- ``selected.txt`` (one key per line, input order), ``report.json`` (counts per step) and ``plots/``.
+
+Every file is written atomically; the folder is locked while a run holds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from biodino.curate import balanced_sampling, examples, near_duplicates, plots
+from biodino.curate.pool import Pool, build_pool, open_pool
+from biodino.distributed.process_group import World, joined_world
+from biodino.eval.embed import embed_images, eval_transform
+from biodino.fs.atomic import atomic_write, atomic_write_text
+from biodino.interop.export import load_encoder
+from biodino.run.embed_job import EmbedRequest, device_for, run_embed
+from biodino.run.run_lock import run_lock
+
+STEPS = ("near_duplicates", "examples", "sampling")
+
+
+@dataclass(frozen=True)
+class CurateRequest:
+    inputs: tuple[str, ...]
+    model: Path
+    out: Path
+    dedup_threshold: Optional[float] = 0.95  # None: no near-duplicate removal
+    dedup_k: int = 16
+    keep: str = "first"  # or "largest" (most pixels; file inputs)
+    exclude: tuple[Path, ...] = ()
+    include: tuple[Path, ...] = ()
+    exclude_threshold: float = 0.6
+    include_threshold: float = 0.6
+    thresholds: tuple[tuple[str, float], ...] = ()  # per-category overrides
+    budget: Optional[int] = None
+    clusters: Optional[tuple[int, ...]] = None  # finest first; None: balanced_sampling.default_levels
+    resamples: int = 10
+    seed: int = 0
+    resolution: Optional[int] = None
+    batch_size: int = 64
+    workers: int = 2
+    part_size: int = 1024
+    device: str = "auto"
+
+
+@dataclass
+class Outcome:
+    selected: np.ndarray  # row indices, input order
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def run_curate(req: CurateRequest, embed_only: bool = False) -> Optional[Outcome]:
+    """Every step (or only the embedding), resuming from what ``req.out`` holds; the outcome on rank 0, None on
+    the other ranks."""
+    source = _source(req)
+    pool_dir = req.out / "pool"
+    with joined_world() as world:
+        embedding = _embed(req, source, pool_dir, world)
+        world.barrier()  # rank 0 has built the pool
+        report = {"pool": len(open_pool(pool_dir)), "embedding": embedding}
+        if embed_only:
+            return Outcome(np.empty(0, np.int64), report) if world.rank == 0 else None
+        with run_lock(req.out / ".lock") if world.rank == 0 else nullcontext():
+            return _steps(req, open_pool(pool_dir), source, world, report)
+
+
+def _embed(req: CurateRequest, source: dict, pool_dir: Path, world: World) -> dict[str, Any]:
+    """The pool, embedded by ``biodino embed``'s job on every rank unless ``source.json`` says it is there; rank 0
+    then builds it, writing ``source.json`` last (the mark that it is complete)."""
+    if _read_json(pool_dir / "source.json") == source:
+        return {"pool_reused": True}
+    embedded = req.out / "embeddings.npz"
+    result = run_embed(EmbedRequest(req.model, req.inputs, embedded, resolution=req.resolution,
+                                    batch_size=req.batch_size, workers=req.workers, part_size=req.part_size,
+                                    device=req.device))
+    if result is None:
+        return {}
+    shutil.rmtree(pool_dir, ignore_errors=True)
+    build_pool(embedded, pool_dir)
+    atomic_write_text(pool_dir / "source.json", json.dumps(source, indent=1) + "\n")
+    embedded.unlink()
+    return {"pool_reused": False, "parts_reused": result.reused, "skipped": len(result.skipped)}
+
+
+def _steps(req: CurateRequest, pool: Pool, source: dict, world: World, report: dict[str, Any]
+           ) -> Optional[Outcome]:
+    device = device_for(req.device, world)
+    kept = np.ones(len(pool), bool)
+    signature: list[Any] = [source]
+    if req.dedup_threshold is not None:
+        sims, idx = near_duplicates.search(pool, req.dedup_k, device, req.out / "pool" / "near_duplicates.parts",
+                                           world)
+        if world.rank == 0:
+            signature.append(["near_duplicates", req.dedup_threshold, req.dedup_k, req.keep])
+            kept, report["near_duplicates"] = _cached(req.out, "near_duplicates", signature,
+                                                      lambda: _dedup(req, pool, sims, idx))
+    if world.rank != 0:
+        return None
+    if req.exclude or req.include:
+        signature.append(["examples", [str(p) for p in req.exclude], [str(p) for p in req.include],
+                          req.exclude_threshold, req.include_threshold, sorted(req.thresholds)])
+        kept, report["examples"] = _cached(req.out, "examples", signature,
+                                           lambda: _filter(req, pool, kept, device))
+    if req.budget is not None:
+        signature.append(["sampling", req.budget, req.clusters, req.resamples, req.seed])
+        kept, report["sampling"] = _cached(req.out, "sampling", signature,
+                                           lambda: _sample(req, pool, kept, device, _digest(signature)))
+    selected = np.flatnonzero(kept)
+    report["selected"] = int(len(selected))
+    atomic_write_text(req.out / "selected.txt", "".join(f"{pool.keys[i]}\n" for i in selected))
+    atomic_write_text(req.out / "report.json", json.dumps(report, indent=1) + "\n")
+    return Outcome(selected, report)
+
+
+def _cached(out: Path, step: str, signature: list, compute: Callable[[], tuple[np.ndarray, dict]]
+            ) -> tuple[np.ndarray, dict]:
+    """The step's (kept mask, report) from ``steps/<step>.npz`` when it was made with this signature, else
+    computed and stored."""
+    path, sig = out / "steps" / f"{step}.npz", _digest(signature)
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["signature"]) == sig:
+                return data["kept"], json.loads(str(data["report"]))
+    kept, report = compute()
+    atomic_write(path, lambda f: np.savez(f, kept=kept, report=json.dumps(report), signature=sig))
+    return kept, report
+
+
+def _dedup(req: CurateRequest, pool: Pool, sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, dict]:
+    rank = _pixels(pool.keys) if req.keep == "largest" else None
+    groups = near_duplicates.group(sims, idx, req.dedup_threshold, rank)
+    dup = groups.duplicate_groups()
+    plots.similarity_histogram(req.out / "plots" / "near_duplicates.png", groups.best, req.dedup_threshold,
+                               "similarity to the nearest other image")
+    return groups.kept, {"threshold": req.dedup_threshold, "k": req.dedup_k, "keep": req.keep, "groups": len(dup),
+                         "removed": int((~groups.kept).sum()),
+                         "largest_groups": [[pool.keys[i] for i in g[:10]] for g in dup[:10]]}
+
+
+def _pixels(keys: list[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """Pixel counts of the given rows' image files, read from their headers."""
+    from PIL import Image
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(rows))
+        for j, i in enumerate(rows):
+            with Image.open(keys[i]) as im:
+                out[j] = im.size[0] * im.size[1]
+        return out
+    return score
+
+
+def _filter(req: CurateRequest, pool: Pool, kept: np.ndarray, device: torch.device) -> tuple[np.ndarray, dict]:
+    """Kept rows within an exclusion category's threshold are removed (counted by the first category that
+    removes them); with inclusion examples, only the rows within some inclusion category's threshold stay."""
+    overrides, rng = dict(req.thresholds), np.random.default_rng(req.seed)
+    embed = _example_embedder(req, device)
+    out, report = kept.copy(), {"exclude": {}, "include": {}}
+    for kind, folders, default in (("exclude", req.exclude, req.exclude_threshold),
+                                   ("include", req.include, req.include_threshold)):
+        rows = np.flatnonzero(out)
+        wanted = np.zeros(len(rows), bool)
+        for cat in [c for folder in folders for c in examples.categories(folder, default, overrides)]:
+            sims, nearest = examples.nearest_examples(pool.embeddings[rows], embed(cat), device)
+            hit = (sims >= cat.threshold) & (out[rows] if kind == "exclude" else True)
+            plots.similarity_histogram(req.out / "plots" / f"{kind}-{cat.name}.png", sims, cat.threshold,
+                                       f"{kind} examples: {cat.name}")
+            report[kind][cat.name] = examples.report(cat, hit, sims, nearest, [pool.keys[i] for i in rows], rng)
+            if kind == "exclude":
+                out[rows[hit]] = False
+            wanted |= hit
+        if kind == "include" and folders:
+            out[rows[~wanted]] = False
+            report["include"]["removed"] = int((~wanted).sum())
+    report["removed"] = int(kept.sum() - out.sum())
+    return out, report
+
+
+def _example_embedder(req: CurateRequest, device: torch.device) -> Callable[[examples.Category], np.ndarray]:
+    """Unit embeddings of a category's examples, by the model that embedded the pool, as the pool was."""
+    backbone, meta = load_encoder(req.model)
+    if req.resolution is not None and req.resolution != backbone.image_size:
+        backbone.resize_pos_embed(req.resolution)
+    prep = eval_transform(backbone.image_size, meta["normalization"]["mean"], meta["normalization"]["std"])
+    backbone = backbone.to(device).eval()
+
+    def embed(cat: examples.Category) -> np.ndarray:
+        x = embed_images(backbone, list(cat.examples), prep, req.batch_size).float()
+        return torch.nn.functional.normalize(x, dim=1).numpy()
+    return embed
+
+
+def _sample(req: CurateRequest, pool: Pool, kept: np.ndarray, device: torch.device,
+            sig: str) -> tuple[np.ndarray, dict]:
+    rows = np.flatnonzero(kept)
+    levels = list(req.clusters or balanced_sampling.default_levels(len(rows)))
+    levels = [min(k, len(rows)) for k in levels]
+    cache = req.out / "pool" / f"kmeans-{sig[:16]}"
+    assignments = balanced_sampling.cluster(pool.embeddings[rows], levels, req.resamples, req.seed, device, cache)
+    chosen = balanced_sampling.balanced_sample(assignments, req.budget, req.seed)
+    out = np.zeros(len(kept), bool)
+    out[rows[chosen]] = True
+    finest = assignments[0]
+    before = np.bincount(finest, minlength=levels[0])
+    after = np.bincount(finest[chosen], minlength=levels[0])
+    plots.cluster_sizes(req.out / "plots" / "cluster_sizes.png", before, after)
+    return out, {"budget": req.budget, "clusters": levels, "resamples": req.resamples, "input": int(len(rows)),
+                 "selected": int(len(chosen)), "largest_cluster": [int(before.max()), int(after.max())],
+                 "smallest_cluster": [int(before[before > 0].min()), int(after[before > 0].min())]}
+
+
+def _source(req: CurateRequest) -> dict:
+    model = req.model.resolve()
+    stat = model.stat()
+    return {"model": str(model), "model_stamp": f"{stat.st_size}:{stat.st_mtime_ns}", "inputs": list(req.inputs),
+            "resolution": req.resolution}
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
