@@ -130,6 +130,12 @@ def check_inputs(req, pack: Optional[str]) -> None:
     from biodino.eval.embed_inputs import plan_parts
     from biodino.interop.export import load_encoder
 
+    import importlib.util
+
+    needed = [("scipy", "scipy")] + ([("pt_kmeans", "pt-kmeans")] if req.budget is not None else [])
+    missing = [dist for module, dist in needed if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UsageError(f"biodino curate needs {', '.join(missing)}: pip install 'biodino[curate]'")
     plan = plan_parts(req.inputs, req.part_size)
     if not plan.images:
         raise UsageError(f"no images in {', '.join(req.inputs)}")

@@ -12,6 +12,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+DISTANCE_CELLS = 1 << 28  # (rows x clusters) of one distance block: 1 GiB in float32
+
 
 def default_levels(n: int) -> list[int]:
     """Cluster counts, finest first: about 50 images per finest cluster and 20 finest clusters per parent (the
@@ -25,14 +27,17 @@ def default_levels(n: int) -> list[int]:
 def cluster(embeddings: np.ndarray, levels: list[int], resamples: int, seed: int, device: torch.device,
             cache: Optional[Path] = None) -> list[np.ndarray]:
     """Per level (finest first), every row's cluster, from pt-kmeans' hierarchical k-means on cosine distance with
-    ``resamples`` resampling rounds (half of each cluster's mean size drawn nearest its centre); ``cache`` lets
-    a killed run resume at the last finished level or round."""
+    ``resamples`` resampling rounds (half of each cluster's mean size drawn nearest its centre). Distances are
+    computed in blocks of rows (on a GPU, streamed from host memory); ``cache`` lets a killed run resume at the
+    last finished level or round."""
     from pt_kmeans import hierarchical_kmeans
 
     x = torch.from_numpy(np.asarray(embeddings, dtype=np.float16 if device.type == "cuda" else np.float32))
     counts = [len(x), *levels[:-1]]
     samples = [max(1, c // k // 2) for c, k in zip(counts, levels)]
+    chunk = max(1024, DISTANCE_CELLS // levels[0])  # rows per distance block: x stays in host memory, streamed
     results = hierarchical_kmeans(x, levels, distance_metric="cosine", random_seed=seed, device=device,
+                                  chunk_size=chunk,
                                   method="resampled", n_samples=samples, n_resamples=resamples,
                                   x_pre_normalized=True, aggregation_dtype=torch.float32,
                                   cache_dir=None if cache is None else str(cache))

@@ -91,6 +91,32 @@ def test_curation_removes_duplicates_and_charts_then_a_budget_rebalances(planted
     assert (out / "plots" / "cluster_sizes.png").is_file()
 
 
+def test_include_examples_keep_only_their_concept_and_keep_largest_picks_the_biggest_copy(planted, tmp_path,
+                                                                                          capsys) -> None:
+    pool, wanted = planted["pool"], tmp_path / "wanted" / "coral"
+    wanted.mkdir(parents=True)
+    for i in range(4):
+        concept_image("coral", 100 + i).save(wanted / f"{i}.png")  # new pictures of the concept, not in the pool
+    out = tmp_path / "include"
+    assert main(["curate", str(pool.root / "pool"), "--model", str(planted["model"]), "--out", str(out), "--no-dedup",
+                 "--include-examples", str(wanted.parent), "--include-threshold", "0.8", "--workers", "0"]) == 0
+    selected = set((out / "selected.txt").read_text().split())
+    concept = {**pool.originals, **{c: pool.originals[o] for c, o in pool.copies.items()}}
+    coral = {k for k, c in concept.items() if c == "coral"}
+    assert len(selected & coral) >= 0.9 * len(coral) and len(selected - coral) <= 0.05 * (114 - len(coral))
+
+    images = tmp_path / "sizes"
+    images.mkdir()
+    small = concept_image("moss", 3)
+    small.save(images / "a.png")
+    small.resize((144, 144)).save(images / "b.png")  # the same picture, twice the size: the one to keep
+    concept_image("beetle", 4).save(images / "c.png")
+    out = tmp_path / "largest"
+    assert main(["curate", str(images), "--model", str(planted["model"]), "--out", str(out), "--dedup-threshold",
+                 "0.9975", "--keep", "largest", "--workers", "0"]) == 0
+    assert [Path(k).name for k in (out / "selected.txt").read_text().split()] == ["b.png", "c.png"]
+
+
 def test_two_ranks_curate_as_one_rank(planted, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
