@@ -10,8 +10,10 @@ Steps timed, each with the code ``biodino curate`` runs:
   how many were run);
 - ``dedup_group_s``: ``near_duplicates.group`` (connected components over the n x k pairs);
 - ``examples_s``: ``examples.nearest_examples`` against 100 example embeddings;
-- ``kmeans_s``: ``balanced_sampling.cluster``, pt-kmeans' hierarchical k-means with resampling, at
-  ``--clusters-per`` images per finest cluster and 20 finest clusters per parent, ``--resamples`` rounds;
+- ``kmeans_s``: ``kmeans.hierarchy`` (one rank), the hierarchical k-means with resampling, at ``--clusters-per``
+  images per finest cluster and 20 finest clusters per parent, ``--resamples`` rounds, the finest level's Lloyd
+  iterations fixed at ``--iters`` (``kmeans_iter_s`` is one of them: an assignment pass over every row) so that
+  sizes compare;
 - ``sampling_s``: ``balanced_sampling.balanced_sample`` to ``N / 4``.
 
     python benchmarks/curate.py --sizes 62500 250000 1000000
@@ -28,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biodino.curate import balanced_sampling, examples, near_duplicates
+from biodino.curate import balanced_sampling, examples, kmeans, near_duplicates
 from biodino.curate.neighbours import top_k
 from biodino.curate.pool import build_pool
+from biodino.distributed.process_group import World
 
 
 def synthetic(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -65,12 +68,16 @@ def measure(n: int, args: argparse.Namespace, device: torch.device) -> dict:
         levels = [max(2, n // args.clusters_per)]
         while levels[-1] // 20 >= 2:
             levels.append(levels[-1] // 20)
-        assignments, kmeans_s = timed(lambda: balanced_sampling.cluster(emb, levels, args.resamples, 0, device))
+        kmeans.MAX_ITERS, kmeans.TOL = args.iters, 0.0
+        rows = np.arange(n)
+        assignments, kmeans_s = timed(lambda: kmeans.hierarchy(emb, rows, levels, args.resamples, 0, World(), device))
+        centres = torch.from_numpy(emb[:levels[0]].astype(np.float32))
+        _, iter_s = timed(lambda: kmeans._assign(torch.from_numpy(emb.astype(np.float32)), centres, device))
         _, sampling_s = timed(lambda: balanced_sampling.balanced_sample(assignments, n // 4, 0))
     return {"n": n, "dim": args.dim, "device": str(device), "pool_build_s": round(build_s, 3),
             "knn_search_s": round(search_s, 2), "knn_search_measured_queries": q, "dedup_group_s": round(group_s, 3),
             "examples_s": round(examples_s, 3), "kmeans_levels": levels, "resamples": args.resamples,
-            "kmeans_s": round(kmeans_s, 2), "sampling_s": round(sampling_s, 3)}
+            "kmeans_s": round(kmeans_s, 2), "kmeans_iters": args.iters, "kmeans_iter_s": round(iter_s, 2), "sampling_s": round(sampling_s, 3)}
 
 
 def main() -> None:
@@ -80,6 +87,7 @@ def main() -> None:
     p.add_argument("--search-queries", type=int, default=16_384, help="queries timed in the quadratic search")
     p.add_argument("--clusters-per", type=int, default=500, help="images per finest cluster")
     p.add_argument("--resamples", type=int, default=2)
+    p.add_argument("--iters", type=int, default=10, help="Lloyd iterations of the finest level")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     for n in args.sizes:

@@ -1,18 +1,14 @@
-"""Cluster-balanced sampling (Vo et al. 2024, "Automatic Data Curation for Self-Supervised Learning"):
-hierarchical k-means with resampling over the kept embeddings (pt-kmeans, as birder's data-curation walkthrough
-uses), then a budget split evenly over the top-level clusters, each share split evenly over its children, down to
-the finest clusters, where images are drawn at random. A cluster smaller than its share gives all it has and the
-rest goes to its siblings, so rare concepts are kept whole and over-represented ones thinned."""
+"""Cluster-balanced sampling (Vo et al. 2024, "Automatic Data Curation for Self-Supervised Learning"): given the
+hierarchical k-means clusters of the kept embeddings (``kmeans.hierarchy``), a budget is split evenly over the
+top-level clusters, each share evenly over its children, down to the finest clusters, where images are drawn at
+random. A cluster smaller than its share gives all it has and the rest goes to its siblings, so rare concepts
+are kept whole and over-represented ones thinned."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
-import torch
-
-DISTANCE_CELLS = 1 << 28  # (rows x clusters) of one distance block: 1 GiB in float32
 
 
 def default_levels(n: int) -> list[int]:
@@ -24,24 +20,14 @@ def default_levels(n: int) -> list[int]:
     return levels
 
 
-def cluster(embeddings: np.ndarray, levels: list[int], resamples: int, seed: int, device: torch.device,
-            cache: Optional[Path] = None) -> list[np.ndarray]:
-    """Per level (finest first), every row's cluster, from pt-kmeans' hierarchical k-means on cosine distance with
-    ``resamples`` resampling rounds (half of each cluster's mean size drawn nearest its centre). Distances are
-    computed in blocks of rows (on a GPU, streamed from host memory); ``cache`` lets a killed run resume at the
-    last finished level or round."""
-    from pt_kmeans import hierarchical_kmeans
-
-    x = torch.from_numpy(np.asarray(embeddings, dtype=np.float16 if device.type == "cuda" else np.float32))
-    counts = [len(x), *levels[:-1]]
-    samples = [max(1, c // k // 2) for c, k in zip(counts, levels)]
-    chunk = max(1024, DISTANCE_CELLS // levels[0])  # rows per distance block: x stays in host memory, streamed
-    results = hierarchical_kmeans(x, levels, distance_metric="cosine", random_seed=seed, device=device,
-                                  chunk_size=chunk,
-                                  method="resampled", n_samples=samples, n_resamples=resamples,
-                                  x_pre_normalized=True, aggregation_dtype=torch.float32,
-                                  cache_dir=None if cache is None else str(cache))
-    return [r["assignment"].numpy().astype(np.int64) for r in results]
+def fitted_levels(levels: Optional[Sequence[int]], n: int) -> list[int]:
+    """The requested cluster counts (or ``default_levels``), each at most ``n`` and strictly decreasing."""
+    out: list[int] = []
+    for k in (levels or default_levels(n)):
+        k = max(1, min(k, n, out[-1] - 1 if out else n))
+        if not out or k < out[-1]:
+            out.append(k)
+    return out or [1]
 
 
 def allocate(sizes: np.ndarray, budget: int) -> np.ndarray:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from biodino.curate import balanced_sampling, examples, near_duplicates, plots
+from biodino.curate import balanced_sampling, examples, kmeans, near_duplicates, plots
 from biodino.curate.pool import Pool, build_pool, open_pool
 from biodino.distributed.process_group import World, joined_world
 from biodino.eval.embed import embed_images, eval_transform
@@ -100,27 +100,38 @@ def _embed(req: CurateRequest, source: dict, pool_dir: Path, world: World) -> di
 
 def _steps(req: CurateRequest, pool: Pool, source: dict, world: World, report: dict[str, Any]
            ) -> Optional[Outcome]:
+    """The steps after the embedding: the neighbour search and the finest k-means level on every rank, the rest
+    on rank 0."""
     device = device_for(req.device, world)
     kept = np.ones(len(pool), bool)
     signature: list[Any] = [source]
     if req.dedup_threshold is not None:
-        sims, idx = near_duplicates.search(pool, req.dedup_k, device, req.out / "pool" / "near_duplicates.parts",
-                                           world)
+        signature.append(["near_duplicates", req.dedup_threshold, req.dedup_k, req.keep])
+        found = _load(req.out, "near_duplicates", signature) if world.rank == 0 else None
+        if not _agreed(found is not None, world):
+            sims, idx = near_duplicates.search(pool, req.dedup_k, device, req.out / "pool" / "near_duplicates.parts",
+                                               world)
+            found = _store(req.out, "near_duplicates", signature, _dedup(req, pool, sims, idx)) \
+                if world.rank == 0 else None
         if world.rank == 0:
-            signature.append(["near_duplicates", req.dedup_threshold, req.dedup_k, req.keep])
-            kept, report["near_duplicates"] = _cached(req.out, "near_duplicates", signature,
-                                                      lambda: _dedup(req, pool, sims, idx))
-    if world.rank != 0:
-        return None
+            kept, report["near_duplicates"] = found
     if req.exclude or req.include:
         signature.append(["examples", [str(p) for p in req.exclude], [str(p) for p in req.include],
                           req.exclude_threshold, req.include_threshold, sorted(req.thresholds)])
-        kept, report["examples"] = _cached(req.out, "examples", signature,
-                                           lambda: _filter(req, pool, kept, device))
+        if world.rank == 0:
+            kept, report["examples"] = _load(req.out, "examples", signature) or _store(
+                req.out, "examples", signature, _filter(req, pool, kept, device))
     if req.budget is not None:
         signature.append(["sampling", req.budget, req.clusters, req.resamples, req.seed])
-        kept, report["sampling"] = _cached(req.out, "sampling", signature,
-                                           lambda: _sample(req, pool, kept, device, _digest(signature)))
+        found = _load(req.out, "sampling", signature) if world.rank == 0 else None
+        if not _agreed(found is not None, world):
+            rows = np.flatnonzero(_from_rank0(kept, world))
+            sampled = _sample(req, pool, rows, world, device)
+            found = _store(req.out, "sampling", signature, sampled) if world.rank == 0 else None
+        if world.rank == 0:
+            kept, report["sampling"] = found
+    if world.rank != 0:
+        return None
     selected = np.flatnonzero(kept)
     report["selected"] = int(len(selected))
     atomic_write_text(req.out / "selected.txt", "".join(f"{pool.keys[i]}\n" for i in selected))
@@ -128,18 +139,38 @@ def _steps(req: CurateRequest, pool: Pool, source: dict, world: World, report: d
     return Outcome(selected, report)
 
 
-def _cached(out: Path, step: str, signature: list, compute: Callable[[], tuple[np.ndarray, dict]]
-            ) -> tuple[np.ndarray, dict]:
-    """The step's (kept mask, report) from ``steps/<step>.npz`` when it was made with this signature, else
-    computed and stored."""
-    path, sig = out / "steps" / f"{step}.npz", _digest(signature)
+def _load(out: Path, step: str, signature: list) -> Optional[tuple[np.ndarray, dict]]:
+    """The step's (kept mask, report) from ``steps/<step>.npz`` if made with this signature."""
+    path = out / "steps" / f"{step}.npz"
     if path.is_file():
         with np.load(path, allow_pickle=False) as data:
-            if str(data["signature"]) == sig:
+            if str(data["signature"]) == _digest(signature):
                 return data["kept"], json.loads(str(data["report"]))
-    kept, report = compute()
-    atomic_write(path, lambda f: np.savez(f, kept=kept, report=json.dumps(report), signature=sig))
-    return kept, report
+    return None
+
+
+def _store(out: Path, step: str, signature: list, result: tuple[np.ndarray, dict]) -> tuple[np.ndarray, dict]:
+    kept, report = result
+    sig = _digest(signature)
+    atomic_write(out / "steps" / f"{step}.npz", lambda f: np.savez(f, kept=kept, report=json.dumps(report),
+                                                                    signature=sig))
+    return result
+
+
+def _agreed(flag: bool, world: World) -> bool:
+    """Rank 0's ``flag``, on every rank."""
+    return bool(_from_rank0(np.array([flag]), world)[0])
+
+
+def _from_rank0(values: np.ndarray, world: World) -> np.ndarray:
+    """Rank 0's array on every rank (the others pass one of the same shape and dtype, or anything for a flag)."""
+    if world.size == 1:
+        return values
+    import torch.distributed as dist
+
+    box = [values if world.rank == 0 else None]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def _dedup(req: CurateRequest, pool: Pool, sims: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -206,23 +237,25 @@ def _example_embedder(req: CurateRequest, device: torch.device) -> Callable[[exa
     return embed
 
 
-def _sample(req: CurateRequest, pool: Pool, kept: np.ndarray, device: torch.device,
-            sig: str) -> tuple[np.ndarray, dict]:
-    rows = np.flatnonzero(kept)
-    levels = list(req.clusters or balanced_sampling.default_levels(len(rows)))
-    levels = [min(k, len(rows)) for k in levels]
-    cache = req.out / "pool" / f"kmeans-{sig[:16]}"
-    assignments = balanced_sampling.cluster(pool.embeddings[rows], levels, req.resamples, req.seed, device, cache)
-    chosen = balanced_sampling.balanced_sample(assignments, req.budget, req.seed)
-    out = np.zeros(len(kept), bool)
+def _sample(req: CurateRequest, pool: Pool, rows: np.ndarray, world: World, device: torch.device
+            ) -> Optional[tuple[np.ndarray, dict]]:
+    """Hierarchical k-means over ``rows`` on every rank (``kmeans.hierarchy``), then, on rank 0, the balanced
+    sample to the budget and its report (None on the other ranks)."""
+    levels = balanced_sampling.fitted_levels(req.clusters, len(rows))
+    assignments = kmeans.hierarchy(pool.embeddings, rows, levels, req.resamples, req.seed, world, device) \
+        if len(rows) else [np.empty(0, np.int64)]
+    if world.rank != 0:
+        return None
+    chosen = balanced_sampling.balanced_sample(assignments, req.budget, req.seed) if len(rows) else rows
+    out = np.zeros(len(pool), bool)
     out[rows[chosen]] = True
-    finest = assignments[0]
-    before = np.bincount(finest, minlength=levels[0])
-    after = np.bincount(finest[chosen], minlength=levels[0])
+    before = np.bincount(assignments[0], minlength=levels[0])
+    after = np.bincount(assignments[0][chosen], minlength=levels[0])
     plots.cluster_sizes(req.out / "plots" / "cluster_sizes.png", before, after)
+    filled = before > 0
     return out, {"budget": req.budget, "clusters": levels, "resamples": req.resamples, "input": int(len(rows)),
-                 "selected": int(len(chosen)), "largest_cluster": [int(before.max()), int(after.max())],
-                 "smallest_cluster": [int(before[before > 0].min()), int(after[before > 0].min())]}
+                 "selected": int(len(chosen)), "largest_cluster": [int(before.max(initial=0)), int(after.max(initial=0))],
+                 "smallest_cluster": [int(before[filled].min(initial=0)), int(after[filled].min(initial=0))]}
 
 
 def _source(req: CurateRequest) -> dict:

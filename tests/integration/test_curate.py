@@ -120,9 +120,9 @@ def test_include_examples_keep_only_their_concept_and_keep_largest_picks_the_big
 def test_two_ranks_curate_as_one_rank(planted, tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one", tmp_path / "two"
-    assert main(_curate(planted, one, "--part-size", "16")) == 0
+    assert main(_curate(planted, one, "--part-size", "16", "--budget", "30", "--clusters", "8,4")) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "biodino",
-           *_curate(planted, two, "--part-size", "16")]
+           *_curate(planted, two, "--part-size", "16", "--budget", "30", "--clusters", "8,4")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("114 images") == 1  # rank 0 reports, once

@@ -1,11 +1,9 @@
-"""Water-filling allocation and hierarchical balanced sampling against hand-computed splits; pt-kmeans'
-hierarchy recovering planted clusters."""
+"""Water-filling allocation and hierarchical balanced sampling against hand-computed splits."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from biodino.curate import balanced_sampling as bs
 
@@ -30,19 +28,9 @@ def test_balanced_sample_splits_top_down() -> None:
     assert np.bincount(finest[chosen], minlength=3).tolist() == [6, 2, 4]
 
 
-def test_default_levels() -> None:
+def test_default_and_fitted_levels() -> None:
     assert bs.default_levels(3_000_000) == [60_000, 3_000, 150, 7]
     assert bs.default_levels(40) == [2]
-
-
-def test_pt_kmeans_hierarchy_recovers_planted_clusters() -> None:
-    from sklearn.metrics import adjusted_rand_score
-
-    rng = np.random.default_rng(0)
-    centres = rng.normal(size=(6, 16))
-    truth = np.repeat(np.arange(6), 40)
-    x = centres[truth] + 0.05 * rng.normal(size=(240, 16))
-    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-    finest, top = bs.cluster(x, [6, 2], resamples=2, seed=0, device=torch.device("cpu"))
-    assert adjusted_rand_score(truth, finest) == 1.0
-    assert all(len(set(top[finest == c].tolist())) == 1 for c in range(6))  # a tree: one parent per cluster
+    assert bs.fitted_levels([8, 4], 5) == [5, 4]  # at most the rows, still strictly decreasing
+    assert bs.fitted_levels([8, 7, 6], 3) == [3, 2, 1]
+    assert bs.fitted_levels(None, 1000) == [20]
