@@ -32,9 +32,6 @@ from biodino.interop.export import load_encoder
 from biodino.run.embed_job import EmbedRequest, device_for, run_embed
 from biodino.run.run_lock import run_lock
 
-STEPS = ("near_duplicates", "examples", "sampling")
-
-
 @dataclass(frozen=True)
 class CurateRequest:
     inputs: tuple[str, ...]
@@ -73,11 +70,12 @@ def run_curate(req: CurateRequest, embed_only: bool = False) -> Optional[Outcome
     with joined_world() as world:
         embedding = _embed(req, source, pool_dir, world)
         world.barrier()  # rank 0 has built the pool
-        report = {"pool": len(open_pool(pool_dir)), "embedding": embedding}
+        pool = open_pool(pool_dir)  # keys.json read once: tens of millions of keys at scale
+        report = {"pool": len(pool), "embedding": embedding}
         if embed_only:
             return Outcome(np.empty(0, np.int64), report) if world.rank == 0 else None
         with run_lock(req.out / ".lock") if world.rank == 0 else nullcontext():
-            return _steps(req, open_pool(pool_dir), source, world, report)
+            return _steps(req, pool, source, world, report)
 
 
 def _embed(req: CurateRequest, source: dict, pool_dir: Path, world: World) -> dict[str, Any]:
