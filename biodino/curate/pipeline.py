@@ -250,10 +250,11 @@ def _sample(req: CurateRequest, pool: Pool, rows: np.ndarray, world: World, devi
     before = np.bincount(assignments[0], minlength=levels[0])
     after = np.bincount(assignments[0][chosen], minlength=levels[0])
     plots.cluster_sizes(req.out / "plots" / "cluster_sizes.png", before, after)
-    filled = before > 0
+    filled = before > 0  # k-means may leave a cluster empty: the smallest is the smallest non-empty one
+    smallest = [int(before[filled].min()), int(after[filled].min())] if filled.any() else [0, 0]
     return out, {"budget": req.budget, "clusters": levels, "resamples": req.resamples, "input": int(len(rows)),
                  "selected": int(len(chosen)), "largest_cluster": [int(before.max(initial=0)), int(after.max(initial=0))],
-                 "smallest_cluster": [int(before[filled].min(initial=0)), int(after[filled].min(initial=0))]}
+                 "smallest_cluster": smallest}
 
 
 def _source(req: CurateRequest) -> dict:

@@ -88,6 +88,9 @@ def test_curation_removes_duplicates_and_charts_then_a_budget_rebalances(planted
     picked = {name: sum(concept.get(k) == name for k in chosen) for name in CONCEPTS}
     assert picked["orchid"] == available["orchid"] == CONCEPTS["orchid"]  # the rarest concept kept whole
     assert picked["moss"] <= available["moss"] / 3  # the most common thinned to a fair share
+    sizes = json.loads((out / "report.json").read_text())["sampling"]
+    assert 1 <= sizes["smallest_cluster"][0] <= sizes["largest_cluster"][0]  # of the 8 finest clusters, before
+    assert 1 <= sizes["smallest_cluster"][1] <= sizes["largest_cluster"][1] < sizes["largest_cluster"][0]  # thinned
     assert (out / "plots" / "cluster_sizes.png").is_file()
 
 
