@@ -23,7 +23,7 @@ SlurmctldPort={ctld_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/slurmctld.pid
@@ -41,7 +41,7 @@ SlurmdParameters=config_overrides
 MailProg=/bin/true
 ReturnToService=2
 KillWait=5
-SchedulerParameters=bf_interval=1,sched_interval=2
+SchedulerParameters=bf_interval=1,sched_interval=1
 {nodes}
 PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 """
@@ -151,7 +151,7 @@ class LocalSlurm:
                 return info
             if info["JobState"] in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 raise RuntimeError(f"job {job_id} ended {info['JobState']}: {info}")
-            time.sleep(1)
+            time.sleep(0.2)
         raise TimeoutError(f"job {job_id} not in {states} after {timeout}s: {self.job(job_id)}")
 
     def logs(self) -> str:

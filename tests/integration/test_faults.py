@@ -121,7 +121,10 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_holder(tiny_sh
     _finish(first)
     assert read_history(run.history).keys() == set(range(15))
     assert (run.root / ".lock").read_text() == ""  # released: the next run may start
-    _finish(_start(tiny_shards, tmp_path, "busy"))  # a finished run started again trains nothing more
+    history = run.history.read_bytes()
+    from biodino.cli.main import main  # in this process: the lock is free, no second interpreter needed
+    assert main(["train", "tiny", f"data.shards={tiny_shards}", f"runs_dir={tmp_path}", "name=busy", *RUN]) == 0
+    assert run.history.read_bytes() == history  # a finished run started again trains nothing more
 
 
 def _damage(reference: RunDir, tmp_path: Path) -> RunDir:

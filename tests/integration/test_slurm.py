@@ -68,20 +68,31 @@ def cluster(tmp_path_factory):
 
 
 
-def submit(cluster: LocalSlurm, workdir: Path, shards: Path, name: str) -> str:
-    """`biodino slurm --submit` for 2 nodes x 1 CPU task, FSDP2 over gloo, 12 steps."""
-    cmd = [sys.executable, "-m", "biodino", "slurm", "tiny", "--nodes", "2", "--gpus-per-node", "0",
-           "--cpus-per-task", "2", "--submit", f"data.shards={shards}", f"runs_dir={workdir / 'runs'}",
-           f"name={name}", "trainer.strategy=fsdp", "schedule.epochs=3", "schedule.steps_per_epoch=4",
-           "checkpoint.every_n_steps=5"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, env=cluster.env)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.strip()
+@pytest.fixture
+def submitted(cluster, tmp_path, monkeypatch, capsys):
+    """``biodino slurm ARGS --submit`` run by ``main`` here (no interpreter to start while jobs compete for the
+    CPUs), its sbatch pointed at the test cluster and started in ``tmp_path``; returns what it printed."""
+    monkeypatch.setenv("SLURM_CONF", cluster.env["SLURM_CONF"])
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> str:
+        capsys.readouterr()
+        assert main(["slurm", *args, "--submit"]) == 0, capsys.readouterr().err
+        return capsys.readouterr().out.strip()
+    return run
 
 
-def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster, tiny_shards, tmp_path) -> None:
-    plain = submit(cluster, tmp_path, tiny_shards, "plain")
-    preempted = submit(cluster, tmp_path, tiny_shards, "preempted")
+def _tiny_fsdp(shards: Path, workdir: Path, name: str) -> list[str]:
+    """`biodino slurm` arguments for 2 nodes x 1 CPU task, FSDP2 over gloo, 12 steps."""
+    return ["tiny", "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "2", f"data.shards={shards}",
+            f"runs_dir={workdir / 'runs'}", f"name={name}", "trainer.strategy=fsdp", "schedule.epochs=3",
+            "schedule.steps_per_epoch=4", "checkpoint.every_n_steps=5"]
+
+
+def test_a_preempted_job_requeues_and_finishes_like_an_uninterrupted_one(cluster, submitted, tiny_shards,
+                                                                         tmp_path) -> None:
+    plain = submitted(*_tiny_fsdp(tiny_shards, tmp_path, "plain"))
+    preempted = submitted(*_tiny_fsdp(tiny_shards, tmp_path, "preempted"))
     run = RunDir(tmp_path / "runs" / "preempted")
     deadline = time.time() + 300
     while len(read_history(run.history)) < 3:
@@ -139,7 +150,8 @@ def test_eval_jobs_render_after_each_stage_on_one_gpu(tmp_path, capsys, monkeypa
     assert "--eval must be TRAIN_DATA,TEST_DATA" in capsys.readouterr().err
 
 
-def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, tiny_shards, tmp_path) -> None:
+def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(cluster, submitted, tiny_shards,
+                                                                          tmp_path) -> None:
     """Two stages of the tiny Bio-DINO schedule as a chain: the second job starts only once the first completed;
     after each, an evaluation job writes the stage's results beside its weights."""
     tiny = ROOT / "configs" / "bio_dino_tiny"
@@ -150,12 +162,10 @@ def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(clust
         for c in ("ant", "bee"):
             for i in range(count):
                 save_photo(tmp_path / split / c / f"{i}.jpg", seed=hash((split, c, i)) % 997, width=48, height=40)
-    cmd = [sys.executable, "-m", "biodino", "slurm", str(schedule), "--nodes", "1", "--gpus-per-node", "0",
-           "--cpus-per-task", "1", "--submit", "--eval", f"{tmp_path / 'train'},{tmp_path / 'test'}",
-           "--eval-protocol", "knn,retrieval", f"data.shards={tiny_shards}", f"runs_dir={tmp_path / 'runs'}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=cluster.env)
-    assert proc.returncode == 0, proc.stderr
-    jobs = dict(reversed(line.split()) for line in proc.stdout.splitlines())
+    out = submitted(str(schedule), "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--eval",
+                    f"{tmp_path / 'train'},{tmp_path / 'test'}", "--eval-protocol", "knn,retrieval",
+                    f"data.shards={tiny_shards}", f"runs_dir={tmp_path / 'runs'}")
+    jobs = dict(reversed(line.split()) for line in out.splitlines())
     assert list(jobs) == ["chain-a", "chain-a:eval", "chain-b", "chain-b:eval"]
     assert cluster.job(jobs["chain-b"])["Dependency"] == f"afterok:{jobs['chain-a']}(unfulfilled)"
     assert cluster.job(jobs["chain-b:eval"])["Dependency"] == f"afterok:{jobs['chain-b']}(unfulfilled)"
@@ -173,7 +183,7 @@ def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(clust
         assert json.loads((run / "results.json").read_text()) == json.loads(local.read_text())
 
 
-def test_an_embedding_job_on_two_nodes_writes_what_one_local_rank_writes(cluster, tmp_path) -> None:
+def test_an_embedding_job_on_two_nodes_writes_what_one_local_rank_writes(cluster, submitted, tmp_path) -> None:
     """`biodino slurm embed` on 2 nodes x 1 task: srun's ranks (Lightning's Slurm environment) split the parts,
     rank 0 merges; the same embeddings as one process here."""
     import numpy as np
@@ -188,11 +198,8 @@ def test_an_embedding_job_on_two_nodes_writes_what_one_local_rank_writes(cluster
         for i in range(5):
             save_photo(tmp_path / "images" / c / f"{i}.jpg", seed=hash((c, i)) % 997, width=48, height=40)
     args = [str(model), str(tmp_path / "images"), "--part-size", "2", "--workers", "0"]
-    proc = subprocess.run([sys.executable, "-m", "biodino", "slurm", "embed", *args, "--out", str(tmp_path / "two.npz"),
-                           "--nodes", "2", "--gpus-per-node", "0", "--cpus-per-task", "1", "--submit"],
-                          capture_output=True, text=True, cwd=tmp_path, env=cluster.env)
-    assert proc.returncode == 0, proc.stderr
-    info = cluster.wait(proc.stdout.strip())
+    info = cluster.wait(submitted("embed", *args, "--out", str(tmp_path / "two.npz"), "--nodes", "2",
+                                  "--gpus-per-node", "0", "--cpus-per-task", "1"))
     assert info["ExitCode"] == "0:0", (info, cluster.logs())
     assert main(["embed", *args, "--out", str(tmp_path / "one.npz")]) == 0
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
