@@ -158,10 +158,10 @@ def test_a_schedule_is_one_job_per_stage_each_after_the_previous_succeeded(clust
     schedule = tmp_path / "two_stages.yaml"
     schedule.write_text(f"name: chain\nstages:\n  - {{name: a, recipe: {tiny / 'stage1.yaml'}}}\n"
                         f"  - {{name: b, recipe: {tiny / 'stage2.yaml'}}}\n")
-    for split, count in (("train", 4), ("test", 2)):
-        for c in ("ant", "bee"):
+    for k, (split, count) in enumerate((("train", 4), ("test", 2))):
+        for j, c in enumerate(("ant", "bee")):
             for i in range(count):
-                save_photo(tmp_path / split / c / f"{i}.jpg", seed=hash((split, c, i)) % 997, width=48, height=40)
+                save_photo(tmp_path / split / c / f"{i}.jpg", seed=100 * k + 10 * j + i, width=48, height=40)
     out = submitted(str(schedule), "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "1", "--eval",
                     f"{tmp_path / 'train'},{tmp_path / 'test'}", "--eval-protocol", "knn,retrieval",
                     f"data.shards={tiny_shards}", f"runs_dir={tmp_path / 'runs'}")
@@ -188,15 +188,10 @@ def test_an_embedding_job_on_two_nodes_writes_what_one_local_rank_writes(cluster
     rank 0 merges; the same embeddings as one process here."""
     import numpy as np
 
-    from biodino.config.recipe import load_config
-    from biodino.interop.export import TrainingState, export_backbone
-    from biodino.run.trainer import build_module
-
-    cfg = load_config("tiny")
-    model = export_backbone(TrainingState(build_module(cfg).state_dict(), cfg, 0, tmp_path / "mem"), tmp_path)
-    for c in ("ant", "bee"):
+    model = _tiny_export(tmp_path)
+    for j, c in enumerate(("ant", "bee")):
         for i in range(5):
-            save_photo(tmp_path / "images" / c / f"{i}.jpg", seed=hash((c, i)) % 997, width=48, height=40)
+            save_photo(tmp_path / "images" / c / f"{i}.jpg", seed=10 * j + i, width=48, height=40)
     args = [str(model), str(tmp_path / "images"), "--part-size", "2", "--workers", "0"]
     info = cluster.wait(submitted("embed", *args, "--out", str(tmp_path / "two.npz"), "--nodes", "2",
                                   "--gpus-per-node", "0", "--cpus-per-task", "1"))
@@ -208,3 +203,46 @@ def test_an_embedding_job_on_two_nodes_writes_what_one_local_rank_writes(cluster
     log = next(tmp_path.glob("biodino-embed-two-*.out")).read_text()
     assert log.count("10 embeddings of size 96, 2 classes") == 1  # rank 0 of 2 reports
     assert "rank 0 of 2: 3 of the 5 parts" in log and "rank 1 of 2: 2 of the 5 parts" in log
+
+
+def test_a_curation_embeds_on_two_nodes_then_its_steps_job_goes_on_from_the_pool(cluster, submitted,
+                                                                                   tmp_path) -> None:
+    """`biodino slurm curate`: the embedding job on 2 nodes x 1 task, then (afterok) the steps job on one node,
+    which reuses the pool; the same pool and selection as one local `biodino curate`."""
+    import numpy as np
+    from PIL import Image
+
+    model = _tiny_export(tmp_path)
+    for j, c in enumerate(("ant", "bee")):
+        for i in range(5):
+            save_photo(tmp_path / "images" / c / f"{i}.jpg", seed=10 * j + i, width=48, height=40)
+    Image.open(tmp_path / "images" / "ant" / "0.jpg").resize((40, 33)).save(tmp_path / "images" / "ant" / "copy.png")
+    args = [str(tmp_path / "images"), "--model", str(model), "--dedup-threshold", "0.99", "--budget", "6",
+            "--clusters", "3", "--part-size", "3", "--workers", "0"]
+    out = submitted("curate", *args, "--out", str(tmp_path / "cur"), "--nodes", "2", "--gpus-per-node", "0",
+                    "--cpus-per-task", "1")
+    jobs = dict(reversed(line.split()) for line in out.splitlines())
+    assert list(jobs) == ["biodino-curate-cur-embed", "biodino-curate-cur"]
+    assert cluster.job(jobs["biodino-curate-cur"])["Dependency"].startswith(f"afterok:{jobs['biodino-curate-cur-embed']}")
+    done = {name: cluster.wait(job) for name, job in jobs.items()}
+    assert all(info["ExitCode"] == "0:0" for info in done.values()), (done, cluster.logs())
+    assert done["biodino-curate-cur-embed"]["NumNodes"] == "2" and done["biodino-curate-cur"]["NumNodes"] == "1"
+    report = json.loads((tmp_path / "cur" / "report.json").read_text())
+    assert report["embedding"]["pool_reused"] is True and report["pool"] == 11  # embedded by the first job only
+    assert [[Path(k).name for k in g] for g in report["near_duplicates"]["largest_groups"]] == [["0.jpg", "copy.png"]]
+    assert main(["curate", *args, "--out", str(tmp_path / "local")]) == 0
+    for name in ("pool/keys.json", "selected.txt"):
+        assert (tmp_path / "cur" / name).read_text() == (tmp_path / "local" / name).read_text(), name
+    np.testing.assert_allclose(np.load(tmp_path / "cur" / "pool" / "embeddings.npy").astype(np.float32),
+                               np.load(tmp_path / "local" / "pool" / "embeddings.npy").astype(np.float32), atol=2e-3)
+    assert len((tmp_path / "cur" / "selected.txt").read_text().split()) == 6
+
+
+def _tiny_export(folder: Path) -> Path:
+    """A backbone export of the tiny recipe's network at initialization, without LayerScale (whose 1e-5 at
+    initialization gives every image nearly the same class token)."""
+    from biodino.interop.export import TrainingState, export_backbone
+    from biodino.run.trainer import build_module
+
+    cfg = load_config("tiny", ["model.layer_scale_init=0"])
+    return export_backbone(TrainingState(build_module(cfg).state_dict(), cfg, 0, folder / "mem"), folder)
