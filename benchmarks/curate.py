@@ -3,7 +3,7 @@ embeddings: unit vectors around ``N / 50`` random centres (so clusters and near 
 default. One JSON line per size.
 
 Steps timed, each with the code ``biodino curate`` runs:
-- ``pool_build_s``: ``pool.build_pool`` from an embed ``.npz`` (normalize, float16 memmap, keys);
+- ``pool_build_s``: ``pool.write_pool`` from parts of 1,024 rows (normalize, float16 memmap, keys);
 - ``knn_search_s``: ``neighbours.top_k`` of every row against the pool (k 16), the near-duplicate search. It is
   quadratic in N, so above ``--search-queries`` rows the time of that many queries against the whole pool is
   measured and scaled by N / queries (every query block costs the same; ``knn_search_measured_queries`` says
@@ -32,7 +32,7 @@ import torch
 
 from biodino.curate import balanced_sampling, examples, kmeans, near_duplicates
 from biodino.curate.neighbours import top_k
-from biodino.curate.pool import build_pool
+from biodino.curate.pool import open_pool, write_pool
 from biodino.distributed.process_group import World
 
 
@@ -52,9 +52,9 @@ def timed(fn):
 def measure(n: int, args: argparse.Namespace, device: torch.device) -> dict:
     raw = synthetic(n, args.dim)
     with tempfile.TemporaryDirectory() as tmp:
-        npz = Path(tmp) / "e.npz"
-        np.savez(npz, embeddings=raw, keys=np.array([str(i) for i in range(n)]))
-        pool, build_s = timed(lambda: build_pool(npz, Path(tmp) / "pool"))
+        keys, blocks = [str(i) for i in range(n)], (raw[i:i + 1024] for i in range(0, n, 1024))
+        _, build_s = timed(lambda: write_pool(blocks, keys, args.dim, Path(tmp) / "pool"))
+        pool = open_pool(Path(tmp) / "pool")
         emb = np.asarray(pool.embeddings)
         q = min(n, args.search_queries)
         (sims, idx), search_s = timed(lambda: top_k(emb[:q], emb, 16, device, self_offset=0))

@@ -1,7 +1,7 @@
 """The steps of ``biodino curate`` and where each keeps its result in the output folder:
 
-- ``pool/``: the embeddings (``biodino embed``'s distributed, resumable job, then ``pool.build_pool``) and
-  ``source.json``, what made them; reused while the model file, inputs and resolution are the same;
+- ``pool/``: the embeddings (``biodino embed``'s distributed, resumable job, its parts written into the pool one
+  at a time by ``pool.write_pool``) and ``source.json``, what made them; reused while the model file, inputs and resolution are the same;
 - ``pool/near_duplicates.parts/``: the neighbour search's finished blocks;
 - ``steps/<step>.npz``: each later step's kept rows and report, with the signature of its settings and of every
   step before it, so a rerun with other thresholds redoes only what they change, and never the embeddings;
@@ -18,13 +18,13 @@ import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from biodino.curate import balanced_sampling, examples, kmeans, near_duplicates, plots
-from biodino.curate.pool import Pool, build_pool, open_pool
+from biodino.curate.pool import Pool, open_pool, write_pool
 from biodino.distributed.process_group import World, joined_world
 from biodino.eval.embed import embed_images, eval_transform
 from biodino.fs.atomic import atomic_write, atomic_write_text
@@ -80,19 +80,21 @@ def run_curate(req: CurateRequest, embed_only: bool = False) -> Optional[Outcome
 
 def _embed(req: CurateRequest, source: dict, pool_dir: Path, world: World) -> dict[str, Any]:
     """The pool, embedded by ``biodino embed``'s job on every rank unless ``source.json`` says it is there; rank 0
-    then builds it, writing ``source.json`` last (the mark that it is complete)."""
+    then writes it from the parts, one part at a time, and ``source.json`` last (the mark that it is complete),
+    before the parts are removed."""
     if _read_json(pool_dir / "source.json") == source:
         return {"pool_reused": True}
-    embedded = req.out / "embeddings.npz"
-    result = run_embed(EmbedRequest(req.model, req.inputs, embedded, resolution=req.resolution,
+
+    def sink(blocks: Iterator[np.ndarray], keys: list[str], width: int) -> None:
+        shutil.rmtree(pool_dir, ignore_errors=True)
+        write_pool(blocks, keys, width, pool_dir)
+        atomic_write_text(pool_dir / "source.json", json.dumps(source, indent=1) + "\n")
+
+    result = run_embed(EmbedRequest(req.model, req.inputs, req.out / "embeddings.npz", resolution=req.resolution,
                                     batch_size=req.batch_size, workers=req.workers, part_size=req.part_size,
-                                    device=req.device))
+                                    device=req.device), sink)
     if result is None:
         return {}
-    shutil.rmtree(pool_dir, ignore_errors=True)
-    build_pool(embedded, pool_dir)
-    atomic_write_text(pool_dir / "source.json", json.dumps(source, indent=1) + "\n")
-    embedded.unlink()
     return {"pool_reused": False, "parts_reused": result.reused, "skipped": len(result.skipped)}
 
 

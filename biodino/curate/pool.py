@@ -1,11 +1,12 @@
 """The pool being curated: its L2-normalized embeddings as a float16 ``.npy`` (memory-mapped, so a step reads the
-rows it needs) and the sample keys in input order. Built once from ``biodino embed``'s output."""
+rows it needs) and the sample keys in input order. Written once from ``biodino embed``'s parts."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -23,23 +24,26 @@ class Pool:
         return len(self.keys)
 
 
-def build_pool(embed_output: Path, folder: Path) -> Pool:
-    """``embeddings.npy`` and ``keys.json`` in ``folder`` from an embed ``.npz``: rows L2-normalized, stored in
-    float16 (half the memory of the embed output; cosine similarities keep 3 significant digits)."""
-    with np.load(embed_output, allow_pickle=False) as data:
-        raw, keys = data["embeddings"], [str(k) for k in data["keys"]]
+def write_pool(blocks: Iterable[np.ndarray], keys: list[str], width: int, folder: Path) -> None:
+    """``embeddings.npy`` and ``keys.json`` in ``folder`` from embedding blocks in key order (``biodino embed``'s
+    parts): rows L2-normalized and stored in float16 (half the memory of float32; cosine similarities keep 3
+    significant digits), written block by block so the pool is never in memory whole."""
     folder.mkdir(parents=True, exist_ok=True)
 
     def write(path: Path) -> None:
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=raw.shape)
-        for start in range(0, len(raw), CHUNK):
-            rows = raw[start:start + CHUNK].astype(np.float32)
-            out[start:start + CHUNK] = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(len(keys), width))
+        start = 0
+        for block in blocks:
+            for rows in np.array_split(block, -(-len(block) // CHUNK) or 1):
+                rows = rows.astype(np.float32)
+                out[start:start + len(rows)] = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+                start += len(rows)
+        if start != len(keys):
+            raise ValueError(f"{start} embeddings for {len(keys)} keys")
         out.flush()
 
     atomic_write_file(folder / "embeddings.npy", write)
     atomic_write_text(folder / "keys.json", json.dumps(keys) + "\n")
-    return open_pool(folder)
 
 
 def open_pool(folder: Path) -> Pool:

@@ -9,7 +9,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
@@ -65,16 +65,24 @@ class PartStore:
                   "reasons": np.array([why for _, why in part.skipped], dtype=str)}
         atomic_write(self.dir / f"{name}.npz", lambda f: np.savez(f, **arrays))
 
-    def merged(self, names: list[str], width: int) -> Embedded:
-        """Every part in plan order, concatenated."""
+    def merged(self, names: list[str], width: int, embeddings: bool = True) -> Embedded:
+        """Every part in plan order, concatenated; without ``embeddings``, only keys, labels and skips (an npz
+        member is read only when asked for)."""
         out = Embedded()
         for name in names:
             with np.load(self.dir / f"{name}.npz", allow_pickle=False) as data:
                 out.keys += [str(k) for k in data["keys"]]
                 out.labels += [_label(json.loads(s)) for s in data["labels"]]
-                out.embeddings.append(data["embeddings"].reshape(-1, width))
+                if embeddings:
+                    out.embeddings.append(data["embeddings"].reshape(-1, width))
                 out.skipped += list(zip(map(str, data["skipped"]), map(str, data["reasons"])))
         return out
+
+    def blocks(self, names: list[str], width: int) -> Iterator[np.ndarray]:
+        """Each part's embeddings in plan order, one part in memory at a time."""
+        for name in names:
+            with np.load(self.dir / f"{name}.npz", allow_pickle=False) as data:
+                yield data["embeddings"].reshape(-1, width)
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

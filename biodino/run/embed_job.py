@@ -10,8 +10,9 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -57,8 +58,13 @@ class RankFailedError(RuntimeError):
     """Another rank failed before embedding (rank 0 reports why)."""
 
 
-def run_embed(req: EmbedRequest) -> Optional[EmbedResult]:
-    """Embed ``req.inputs`` into ``req.out``; the result on rank 0, None on the others."""
+Sink = Callable[[Iterator[np.ndarray], list[str], int], None]
+
+
+def run_embed(req: EmbedRequest, sink: Optional[Sink] = None) -> Optional[EmbedResult]:
+    """Embed ``req.inputs`` into ``req.out``; the result on rank 0, None on the others. With ``sink``, rank 0
+    hands it the parts' embeddings one part at a time (with every key, and the width) instead of writing
+    ``req.out``: an output larger than memory (``biodino curate``'s pool) is never held whole."""
     with joined_world() as world:
         plan = plan_parts(req.inputs, req.part_size)
         if not plan.images:
@@ -92,17 +98,22 @@ def run_embed(req: EmbedRequest) -> Optional[EmbedResult]:
             world.barrier()
             if world.rank != 0:
                 return None
-            return _merge(req, plan, store, width, reused=len(plan.parts) - len(pending))
+            return _merge(req, plan, store, width, len(plan.parts) - len(pending), sink)
 
 
-def _merge(req: EmbedRequest, plan: Plan, store: PartStore, width: int, reused: int) -> EmbedResult:
-    merged = store.merged([p.name for p in plan.parts], width)
+def _merge(req: EmbedRequest, plan: Plan, store: PartStore, width: int, reused: int,
+           sink: Optional[Sink]) -> EmbedResult:
+    names = [p.name for p in plan.parts]
+    merged = store.merged(names, width, embeddings=sink is None)
     merged.skipped = [(str(path), why) for path, why in plan.unreadable] + merged.skipped
     if not merged.keys:
         store.remove()
         raise InputError(f"none of the {plan.images} images in {', '.join(req.inputs)} could be embedded")
     labels = merged.labels if merged.labels and all(lab is not None for lab in merged.labels) else None
-    write_embeddings(req.out, merged.array(width), merged.keys, labels)
+    if sink is None:
+        write_embeddings(req.out, merged.array(width), merged.keys, labels)
+    else:
+        sink(store.blocks(names, width), merged.keys, width)
     skipped_file = req.out.with_name(req.out.name + ".skipped.tsv")
     if merged.skipped:
         atomic_write_text(skipped_file, "".join(f"{key}\t{why}\n" for key, why in merged.skipped))
