@@ -1,7 +1,8 @@
 """The steps of ``biodino curate`` and where each keeps its result in the output folder:
 
 - ``pool/``: the embeddings (``biodino embed``'s distributed, resumable job, its parts written into the pool one
-  at a time by ``pool.write_pool``) and ``source.json``, what made them; reused while the model file, inputs and resolution are the same;
+  at a time by ``pool.write_pool``) and ``source.json``, what made them; reused while the model file, inputs and
+  resolution are the same;
 - ``pool/near_duplicates.parts/``: the neighbour search's finished blocks;
 - ``steps/<step>.npz``: each later step's kept rows and report, with the signature of its settings and of every
   step before it, so a rerun with other thresholds redoes only what they change, and never the embeddings;
