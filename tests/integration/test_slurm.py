@@ -223,7 +223,8 @@ def test_a_curation_embeds_on_two_nodes_then_its_steps_job_goes_on_from_the_pool
                     "--cpus-per-task", "1")
     jobs = dict(reversed(line.split()) for line in out.splitlines())
     assert list(jobs) == ["biodino-curate-cur-embed", "biodino-curate-cur"]
-    assert cluster.job(jobs["biodino-curate-cur"])["Dependency"].startswith(f"afterok:{jobs['biodino-curate-cur-embed']}")
+    embed_job = jobs["biodino-curate-cur-embed"]
+    assert cluster.job(jobs["biodino-curate-cur"])["Dependency"].startswith(f"afterok:{embed_job}")
     done = {name: cluster.wait(job) for name, job in jobs.items()}
     assert all(info["ExitCode"] == "0:0" for info in done.values()), (done, cluster.logs())
     assert done["biodino-curate-cur-embed"]["NumNodes"] == "2" and done["biodino-curate-cur"]["NumNodes"] == "1"
