@@ -21,9 +21,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_only
-
 from biodino.config.schema import TrainConfig
 from biodino.config.recipe import ConfigError, find_recipe, load_config, read_yaml
 from biodino.checkpoint.run_dir import RunDir
@@ -104,7 +101,9 @@ def run_schedule(stages: Sequence[Stage], only: Optional[str] = None) -> tuple[l
     """Run the stages in order (or just ``only``), skipping completed ones; an interrupted stage resumes from its
     newest checkpoint. Returns the final-weights files of the stages run or found complete, and the signal that
     stopped a stage early (None when every stage asked for ran to its end)."""
-    from biodino.run.trainer import train  # Lightning and the model: only once a schedule is to run
+    from lightning.pytorch.utilities import rank_zero_only  # Lightning and the model: only once a schedule runs
+
+    from biodino.run.trainer import train
 
     if only is not None and only not in [s.name for s in stages]:
         raise ConfigError(f"--stage {only!r}: the schedule's stages are {[s.name for s in stages]}")
@@ -129,6 +128,8 @@ def run_schedule(stages: Sequence[Stage], only: Optional[str] = None) -> tuple[l
 
 def _write_export(stage: Stage) -> None:
     """Rank 0 exports the stage's teacher backbone from its last or best checkpoint (``Stage.export``)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     from biodino.interop.export import export_backbone, load_training_state
     from biodino.run.checkpointing import BEST
 
@@ -147,6 +148,9 @@ def _write_export(stage: Stage) -> None:
 
 def _write_final_weights(path: Path, stage: str) -> None:
     """Rank 0 writes the stage's full weights from its newest checkpoint; every rank waits for the file."""
+    import torch.distributed as dist
+    from lightning.pytorch.utilities import rank_zero_only
+
     from biodino.interop.export import export_full, load_training_state
 
     if rank_zero_only.rank == 0:

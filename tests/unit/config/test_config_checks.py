@@ -113,6 +113,16 @@ def test_out_of_range_on_the_command_line_exits_2_in_one_line_and_writes_nothing
     assert not runs.exists()
 
 
+def test_a_bad_recipe_value_is_refused_before_torch_is_imported(tiny_shards, tmp_path) -> None:
+    """The YAML checks come first, so a typo is reported in a fraction of a second, not after Lightning loads."""
+    probe = ("import sys; from biodino.cli.main import main; code = main(sys.argv[1:]); "
+             "print([m for m in ('torch', 'lightning') if m in sys.modules]); sys.exit(code)")
+    proc = subprocess.run([sys.executable, "-c", probe, "train", "tiny", f"data.shards={tiny_shards}",
+                           f"runs_dir={tmp_path}", "optim.base_lr=-0.01"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "optim.base_lr" in proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("content,message", [
     (b"schedule:\n  epochs: [1,\n", "not valid YAML at line 3"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text file"),
